@@ -1,0 +1,5 @@
+import sys
+
+from mpagent.cli import main
+
+sys.exit(main())

@@ -1,0 +1,309 @@
+"""The composition root: start, serve, reload, stop. The only module that knows every piece.
+
+The event loop serves clients and schedules refreshes; key loading, keyring look-ups and the
+env file run on a single I/O thread, token requests on a small pool. Signal handlers only
+schedule work on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from mpagent import __version__, config, envfile, paths, protocol, server
+from mpagent.config import Config
+from mpagent.errors import AlreadyRunning, MpagentError, ProtocolError
+from mpagent.exchange import open_exchange
+from mpagent.passwords import ProfilePasswords
+from mpagent.private import ensure_private_dir
+from mpagent.refresher import Refresher, Source
+
+log = logging.getLogger("mpagent")
+
+RELOAD_DEBOUNCE = 0.3
+
+
+def load_sources(cfg: Config, *, strict: bool, interactive: bool = False) -> dict[str, Source]:
+    """Open every profile's key. Strict (a reload): any failure rejects the whole config.
+    Not strict (start-up): a failing profile is kept as unusable, so the rest still work."""
+    sources: dict[str, Source] = {}
+    for name, profile in cfg.profiles.items():
+        try:
+            passwords = ProfilePasswords(name, interactive=interactive)
+            sources[name] = Source(profile, exchange=open_exchange(cfg, profile, passwords))
+        except MpagentError as exc:
+            if strict:
+                raise type(exc)(f"profile {name}: {exc}", **exc.details) from exc
+            log.error("profile %s cannot be used: %s", name, exc)
+            sources[name] = Source(profile, error=exc)
+    return sources
+
+
+class Agent:
+    def __init__(self, cfg: Config, config_path: str | None) -> None:
+        self.cfg, self.config_path = cfg, config_path
+        self.socket_path = Path(paths.socket_path())
+        self.env_path = cfg.agent.env_file or Path(paths.default_env_file())
+        self.started = time.time()
+        self.reload_error: MpagentError | None = None
+        self.stopping = asyncio.Event()
+        self.fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mpagent-fetch")
+        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpagent-io")
+        self.refresher = Refresher(
+            self.fetch_pool, idle_timeout=cfg.agent.idle_timeout, on_change=self._env_changed
+        )
+        self._env_written: str | None = None
+        self._env_task: asyncio.Task[None] | None = None
+        self._env_dirty = False
+        self._reload_handle: asyncio.TimerHandle | None = None
+        self._watcher: Any = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, listener: socket.socket | None = None) -> int:
+        loop = asyncio.get_running_loop()
+        lock = self._lock()
+        try:
+            sock = listener or server.bind_private(self.socket_path)
+            sources = await loop.run_in_executor(
+                self.io, lambda: load_sources(self.cfg, strict=False, interactive=os.isatty(0))
+            )
+            self.refresher.set_sources(sources, self.cfg.default_profile)
+            srv = await loop.create_unix_server(
+                lambda: server.Connection(self.handle, os.getuid()), sock=sock
+            )
+            self._install_signals(loop)
+            self._watch()
+            scheduler = loop.create_task(self.refresher.run())
+            log.info(
+                "mpagent %s serving on %s (pid %d)", __version__, self.socket_path, os.getpid()
+            )
+            notify("READY=1")
+            await self.stopping.wait()
+            notify("STOPPING=1")
+            log.info("stopping")
+            srv.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+            scheduler.cancel()
+            await self._finish_env()
+            with contextlib.suppress(FileNotFoundError):
+                self.env_path.unlink()
+            return 0
+        finally:
+            if self._watcher is not None:
+                self._watcher.stop()
+            self.fetch_pool.shutdown(wait=False, cancel_futures=True)
+            self.io.shutdown(wait=False, cancel_futures=True)
+            os.close(lock)
+
+    def _lock(self) -> int:
+        """Single instance per socket: an flock held for the agent's life."""
+        ensure_private_dir(self.socket_path.parent)
+        fd = os.open(paths.lock_file(), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyRunning(
+                f"an agent is already running on {self.socket_path}; stop it with `mpagent stop`"
+            ) from None
+        return fd
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def handle(self, words: list[str], fields: protocol.Fields) -> bytes | Any:
+        verb = words[0] if len(words) == 1 else None
+        if verb == "get":
+            return self._get(fields)
+        if verb == "status":
+            return protocol.encode(["ok"], [("json", json.dumps(self.status()))])
+        if verb == "reload":
+            return self._reload_reply()
+        if verb == "stop":
+            self.stopping.set()
+            return protocol.encode(["ok"], [])
+        raise ProtocolError(
+            f"unknown request {' '.join(words)!r}; this agent knows get, status, reload, stop"
+        )
+
+    def _get(self, fields: protocol.Fields) -> bytes | Any:
+        scopes = protocol.every(fields, "scope")
+        if not scopes:
+            raise ProtocolError("get needs at least one scope")
+        profile = protocol.first(fields, "profile")
+        min_ttl = _float(protocol.first(fields, "min_ttl"), "min_ttl")
+        token = self.refresher.cached(profile, scopes, min_ttl)
+        if token is not None:
+            return _token_reply(token)
+        return self._get_slow(profile, scopes, min_ttl)
+
+    async def _get_slow(
+        self, profile: str | None, scopes: list[str], min_ttl: float | None
+    ) -> bytes:
+        return _token_reply(await self.refresher.get(profile, scopes, min_ttl))
+
+    async def _reload_reply(self) -> bytes:
+        await self.reload("requested")
+        return protocol.encode(["ok"], [])
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": time.time() - self.started,
+            "socket": str(self.socket_path),
+            "env_file": str(self.env_path),
+            "config": str(self.cfg.path),
+            "reload_error": self.reload_error.message if self.reload_error else None,
+            "profiles": {
+                name: (s.error.message if s.error else None)
+                for name, s in self.refresher.sources.items()
+            },
+            "tokens": self.refresher.status(),
+        }
+
+    # -- reload --------------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        """From a signal or the file watcher: coalesce bursts of events into one reload."""
+        loop = asyncio.get_running_loop()
+        if self._reload_handle is not None:
+            self._reload_handle.cancel()
+        self._reload_handle = loop.call_later(
+            RELOAD_DEBOUNCE, lambda: loop.create_task(self._reload_logged())
+        )
+
+    async def _reload_logged(self) -> None:
+        with contextlib.suppress(MpagentError):
+            await self.reload("a watched file changed or SIGHUP")
+
+    async def reload(self, reason: str) -> None:
+        """Validate the new configuration completely; on error keep the old one running."""
+        loop = asyncio.get_running_loop()
+        log.info("reloading (%s)", reason)
+        try:
+            cfg = await loop.run_in_executor(self.io, config.load, self.config_path)
+            sources = await loop.run_in_executor(self.io, lambda: load_sources(cfg, strict=True))
+        except MpagentError as exc:
+            self.reload_error = exc
+            log.error("reload refused, the previous configuration keeps running: %s", exc)
+            raise
+        self.cfg, self.reload_error = cfg, None
+        self.refresher.idle_timeout = cfg.agent.idle_timeout
+        self.refresher.set_sources(sources, cfg.default_profile)
+        self._watch()
+        log.info("reloaded")
+
+    def _watch(self) -> None:
+        from mpagent import watch
+
+        files = [self.cfg.path] + [
+            f for p in self.cfg.profiles.values() for f in (p.keystore, p.certificate) if f
+        ]
+        loop = asyncio.get_running_loop()
+        if self._watcher is not None:
+            self._watcher.stop()
+        self._watcher = watch.watch(files, lambda: loop.call_soon_threadsafe(self.request_reload))
+
+    # -- env file ------------------------------------------------------------------------
+
+    def _env_changed(self) -> None:
+        self._env_dirty = True
+        if self._env_task is None or self._env_task.done():
+            self._env_task = asyncio.get_running_loop().create_task(self._write_env())
+
+    async def _write_env(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._env_dirty:
+            self._env_dirty = False
+            content = envfile.render(self._env_tokens())
+            if content == self._env_written:
+                continue
+            try:
+                await loop.run_in_executor(self.io, envfile.write_atomic, self.env_path, content)
+                self._env_written = content
+                log.debug("env file %s updated", self.env_path)
+            except OSError as exc:
+                log.error("cannot write the env file %s: %s", self.env_path, exc)
+
+    async def _finish_env(self) -> None:
+        if self._env_task is not None:
+            with contextlib.suppress(Exception):
+                await self._env_task
+
+    def _env_tokens(self) -> list[tuple[str, str, float]]:
+        now = time.time()
+        out = []
+        for entry in self.refresher.entries.values():
+            token = entry.token
+            if entry.pinned and token is not None and token.expires_at > now:
+                names = entry.source.profile.env_names
+                out.append(
+                    (
+                        envfile.variable_name(entry.key.scope, names),
+                        token.access_token,
+                        token.expires_at,
+                    )
+                )
+        return out
+
+
+def _token_reply(token: Any) -> bytes:
+    return protocol.encode(
+        ["ok"],
+        [
+            ("token", token.access_token),
+            ("expires_at", f"{token.expires_at:.3f}"),
+            ("scope", token.scope),
+            ("token_type", token.token_type),
+        ],
+    )
+
+
+def _float(value: str | None, name: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise ProtocolError(f"{name} must be a number, not {value!r}") from None
+    if not number >= 0:
+        raise ProtocolError(f"{name} must be zero or more")
+    return number
+
+
+def notify(message: str) -> None:
+    """sd_notify(3): tell systemd about our state when it asked (NOTIFY_SOCKET)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
+        sock.sendto(message.encode(), address)
+
+
+def run(config_path: str | None) -> int:
+    """`mpagent agent`: load the configuration (exit 78 if it is wrong), then serve."""
+    cfg = config.load(config_path)
+    logging.basicConfig(
+        level=os.environ.get("MPAGENT_LOG_LEVEL", cfg.agent.log_level).upper(),
+        format="%(asctime)s mpagent[%(process)d] %(levelname)s %(message)s",
+    )
+    return asyncio.run(Agent(cfg, config_path).run())

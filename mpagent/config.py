@@ -1,0 +1,350 @@
+"""config.toml → frozen dataclasses. Every error names the file, the profile and the key,
+says what is wrong and what to write instead. Passwords are never read from here."""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from mpagent import paths
+from mpagent.errors import ConfigError
+
+ENVIRONMENTS = {"test": "https://test.maskinporten.no/", "prod": "https://maskinporten.no/"}
+ALGORITHMS = ("RS256", "RS384", "RS512")
+KEYSTORE_TYPES = ("jks", "pkcs12", "pem", "jwk")
+OPTIONAL_CLAIMS = ("resource", "consumer_org", "pid", "iss_onbehalfof", "authorization_details")
+PROFILE_KEYS = (
+    "environment",
+    "client_id",
+    "scopes",
+    "keystore",
+    "keystore_type",
+    "alias",
+    "certificate",
+    "kid",
+    "algorithm",
+    "env_names",
+    *OPTIONAL_CLAIMS,
+)
+AGENT_KEYS = ("env_file", "idle_timeout", "log_level")
+HTTP_KEYS = ("connect_timeout", "read_timeout")
+TOP_KEYS = ("default_profile", "profiles", "agent", "http")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    environment: str
+    client_id: str
+    scopes: tuple[str, ...]
+    keystore: Path
+    keystore_type: str | None = None
+    alias: str | None = None
+    certificate: Path | None = None
+    kid: str | None = None
+    algorithm: str = "RS256"
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    env_names: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def claims_json(self) -> str:
+        """The optional claims in canonical form: part of a token's identity."""
+        return json.dumps(self.claims, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    env_file: Path | None = None
+    idle_timeout: float = 900.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    connect_timeout: float = 5.0
+    read_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    profiles: Mapping[str, Profile]
+    default_profile: str | None = None
+    agent: AgentSettings = AgentSettings()
+    http: HttpSettings = HttpSettings()
+
+    def profile(self, name: str | None = None) -> Profile:
+        """--profile, else MPAGENT_PROFILE, else default_profile, else the only profile."""
+        chosen = name or os.environ.get("MPAGENT_PROFILE") or self.default_profile
+        if chosen is None:
+            if len(self.profiles) == 1:
+                return next(iter(self.profiles.values()))
+            raise ConfigError(
+                f"{self.path}: several profiles ({', '.join(sorted(self.profiles))}) and none "
+                "chosen; pass --profile NAME, set MPAGENT_PROFILE, or add default_profile = "
+                '"NAME" at the top of the file'
+            )
+        if chosen not in self.profiles:
+            known = ", ".join(sorted(self.profiles)) or "none"
+            raise ConfigError(
+                f"{self.path}: no profile '{chosen}' (profiles: {known}); "
+                f"add a [profiles.{chosen}] table or choose another profile"
+            )
+        return self.profiles[chosen]
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate the whole file. Raises ConfigError; never returns half a config."""
+    file = Path(path or paths.config_file()).expanduser()
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{file}: no configuration file; create it with a [profiles.NAME] table "
+            "(see README, 'Configuration'), or point --config / MPAGENT_CONFIG at yours"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: cannot read the configuration: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from exc
+    return parse(raw, file)
+
+
+def parse(raw: Mapping[str, Any], file: Path) -> Config:
+    _check_keys(raw, TOP_KEYS, file, "the top level")
+    profiles_raw = _table(raw, "profiles", file, "the top level")
+    if not profiles_raw:
+        raise ConfigError(
+            f"{file}: no profiles; add a [profiles.NAME] table with environment, client_id, "
+            "scopes and keystore"
+        )
+    profiles = {
+        name: _profile(name, _table(profiles_raw, name, file, "[profiles]"), file)
+        for name in profiles_raw
+    }
+    default = raw.get("default_profile")
+    if default is not None and default not in profiles:
+        raise ConfigError(
+            f"{file}: default_profile = {default!r} names no profile; "
+            f"write one of: {', '.join(sorted(profiles))}"
+        )
+    return Config(
+        path=file,
+        profiles=profiles,
+        default_profile=default,
+        agent=_agent(_table(raw, "agent", file, "the top level"), file),
+        http=_http(_table(raw, "http", file, "the top level"), file),
+    )
+
+
+def _profile(name: str, t: Mapping[str, Any], file: Path) -> Profile:
+    where = f"[profiles.{name}]"
+    _check_keys(t, PROFILE_KEYS, file, where)
+    get = _Getter(t, file, where)
+    scopes = get.texts("scopes", required=True)
+    if not scopes:
+        raise get.error(
+            "scopes", "is empty", 'list at least one scope, e.g. scopes = ["idporten:dcr.read"]'
+        )
+    keystore_type = get.text("keystore_type")
+    if keystore_type is not None:
+        keystore_type = keystore_type.lower().replace("p12", "pkcs12").replace("pfx", "pkcs12")
+        if keystore_type not in KEYSTORE_TYPES:
+            raise get.error(
+                "keystore_type",
+                f"is {t['keystore_type']!r}",
+                f"write one of {', '.join(KEYSTORE_TYPES)}",
+            )
+    algorithm = get.text("algorithm") or "RS256"
+    if algorithm not in ALGORITHMS:
+        raise get.error("algorithm", f"is {algorithm!r}", f"write one of {', '.join(ALGORITHMS)}")
+    env_names = get.table("env_names")
+    for scope, env_name in env_names.items():
+        if not isinstance(env_name, str) or not _is_env_name(env_name):
+            raise get.error(
+                f"env_names.{scope}", f"is {env_name!r}", "write a variable name like MY_TOKEN"
+            )
+    return Profile(
+        name=name,
+        environment=_environment(get),
+        client_id=get.text("client_id", required=True) or "",
+        scopes=tuple(scopes),
+        keystore=get.path("keystore", required=True) or Path(),
+        keystore_type=keystore_type,
+        alias=get.text("alias"),
+        certificate=get.path("certificate"),
+        kid=get.text("kid"),
+        algorithm=algorithm,
+        claims=_claims(get),
+        env_names=dict(env_names),
+    )
+
+
+def _environment(get: _Getter) -> str:
+    env = get.text("environment", required=True) or ""
+    if env in ENVIRONMENTS:
+        return env
+    parts = urlsplit(env)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise get.error(
+            "environment",
+            f"is {env!r}",
+            'write "test", "prod", or an issuer URL such as "https://test.maskinporten.no/"',
+        )
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise get.error(
+            "environment",
+            f"uses plain http:// to {parts.hostname}",
+            "use https://; plain http is allowed only for loopback (the emulator)",
+        )
+    return env
+
+
+def _claims(get: _Getter) -> dict[str, Any]:
+    claims: dict[str, Any] = {}
+    resource = get.t.get("resource")
+    if resource is not None:
+        claims["resource"] = (
+            get.text("resource") if isinstance(resource, str) else get.texts("resource")
+        )
+    for key in ("consumer_org", "pid", "iss_onbehalfof"):
+        value = get.text(key)
+        if value is not None:
+            claims[key] = value
+    org = claims.get("consumer_org")
+    if org is not None and not (len(org) == 9 and org.isdigit()):
+        raise get.error(
+            "consumer_org",
+            f"is {org!r}",
+            "write the customer's 9-digit organisation number as a string",
+        )
+    if org is not None and "iss_onbehalfof" in claims:
+        raise get.error(
+            "consumer_org",
+            "is set together with iss_onbehalfof",
+            "Maskinporten accepts only one of them; remove one",
+        )
+    details = get.t.get("authorization_details")
+    if details is not None:
+        if not isinstance(details, list) or not all(
+            isinstance(d, dict) and "type" in d for d in details
+        ):
+            raise get.error(
+                "authorization_details",
+                "is not a list of tables with a type",
+                'write [[profiles.NAME.authorization_details]] tables with type = "urn:altinn:systemuser"',
+            )
+        claims["authorization_details"] = details
+    return claims
+
+
+def _agent(t: Mapping[str, Any], file: Path) -> AgentSettings:
+    _check_keys(t, AGENT_KEYS, file, "[agent]")
+    get = _Getter(t, file, "[agent]")
+    level = (get.text("log_level") or "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise get.error("log_level", f"is {level!r}", "write debug, info, warning or error")
+    return AgentSettings(
+        env_file=get.path("env_file"),
+        idle_timeout=get.number("idle_timeout", 900.0),
+        log_level=level,
+    )
+
+
+def _http(t: Mapping[str, Any], file: Path) -> HttpSettings:
+    _check_keys(t, HTTP_KEYS, file, "[http]")
+    get = _Getter(t, file, "[http]")
+    return HttpSettings(get.number("connect_timeout", 5.0), get.number("read_timeout", 10.0))
+
+
+class _Getter:
+    """Typed access to one table, with errors that name file, table and key."""
+
+    def __init__(self, t: Mapping[str, Any], file: Path, where: str) -> None:
+        self.t, self.file, self.where = t, file, where
+
+    def error(self, key: str, problem: str, fix: str) -> ConfigError:
+        return ConfigError(f"{self.file}: {self.where} {key} {problem}; {fix}")
+
+    def _present(self, key: str, required: bool, example: str) -> bool:
+        if key in self.t:
+            return True
+        if required:
+            raise self.error(key, "is missing", f"add {key} = {example}")
+        return False
+
+    def text(self, key: str, *, required: bool = False) -> str | None:
+        if not self._present(key, required, '"..."'):
+            return None
+        value = self.t[key]
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(key, f"is {value!r}", f'write a non-empty string: {key} = "..."')
+        return value.strip()
+
+    def texts(self, key: str, *, required: bool = False) -> list[str]:
+        if not self._present(key, required, '["..."]'):
+            return []
+        value = self.t[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise self.error(
+                key, f"is {value!r}", f'write a list of non-empty strings: {key} = ["..."]'
+            )
+        return [v.strip() for v in value]
+
+    def path(self, key: str, *, required: bool = False) -> Path | None:
+        value = self.text(key, required=required)
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.file.parent / p)
+
+    def number(self, key: str, default: float) -> float:
+        value = self.t.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise self.error(
+                key,
+                f"is {value!r}",
+                f"write a positive number of seconds, e.g. {key} = {default:g}",
+            )
+        return float(value)
+
+    def table(self, key: str) -> Mapping[str, Any]:
+        return _table(self.t, key, self.file, self.where)
+
+
+def _table(t: Mapping[str, Any], key: str, file: Path, where: str) -> Mapping[str, Any]:
+    value = t.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{file}: {where} {key} is {type(value).__name__}, not a table; write it as [{key}] or {key} = {{ ... }}"
+        )
+    return value
+
+
+def _check_keys(t: Mapping[str, Any], allowed: tuple[str, ...], file: Path, where: str) -> None:
+    for key in t:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(allowed)}"
+            raise ConfigError(f"{file}: {where} has unknown key {key!r}; {hint}")
+
+
+def _is_env_name(name: str) -> bool:
+    return name.replace("_", "A").isalnum() and name.isascii() and not name[0].isdigit()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,67 @@
+"""The env file editors and tools read: pure rendering plus an atomic, private write.
+
+`KEY=value` lines without quotes or `export`, which `set -a; . FILE`, docker --env-file,
+systemd EnvironmentFile=, python-dotenv and httpyac all read the same way. Tokens are
+RFC 6750 b64token characters (checked by the agent before they get here), so no quoting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+PREFIX = "MASKINPORTEN_TOKEN_"
+# Never an empty file: readers that treat empty as broken see this line at least.
+HEADER = "# Maskinporten access tokens kept fresh by mpagent; rewritten on every refresh"
+
+
+def variable_name(scope: str, overrides: Mapping[str, str]) -> str:
+    """`idporten:dcr.read` → MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ, unless env_names says."""
+    if scope in overrides:
+        return overrides[scope]
+    return PREFIX + re.sub(r"[^A-Z0-9]+", "_", scope.upper()).strip("_")
+
+
+def render(tokens: Iterable[tuple[str, str, float]]) -> str:
+    """(name, token, expires_at) → file content, sorted by name so rewrites are stable."""
+    lines = [HEADER]
+    for name, token, expires_at in sorted(tokens):
+        lines.append(f"{name}={token}")
+        lines.append(f"{name}_EXPIRES_AT={int(expires_at)}")
+    return "".join(line + "\n" for line in lines)
+
+
+def write_atomic(path: Path, content: str) -> None:
+    """Readers see the old file or the new one, never a partial one; mode 0600 from the
+    moment the temp file exists, whatever the umask or the old file's mode."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # O_CREAT's mode is filtered by the umask; fchmod is not.
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            fd = -1
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if fd != -1:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,212 @@
+"""Talking to Maskinporten: metadata discovery, the token request, and error classification.
+
+The only module that imports requests. 4xx answers become IssuerRejected (never retried);
+timeouts, connection errors, 5xx, 429 and bodies that are not the expected JSON become
+IssuerUnavailable (retried with backoff by the agent).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from mpagent.config import ENVIRONMENTS
+from mpagent.errors import IssuerRejected, IssuerUnavailable
+
+log = logging.getLogger(__name__)
+
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+METADATA_PATH = ".well-known/oauth-authorization-server"
+SKEW_WARNING = 5.0  # Maskinporten allows 10 s; warn at half of that.
+_MP_CODE = re.compile(r"(MP-\d+)")
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    issuer: str  # the grant's `aud`
+    token_endpoint: str
+
+
+@dataclass(frozen=True, repr=False)
+class Token:
+    access_token: str
+    token_type: str
+    scope: str
+    requested_at: float  # wall clock, read before the request was sent
+    expires_at: float  # requested_at + expires_in: absolute
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires_at - self.requested_at
+
+    def __repr__(self) -> str:
+        return f"Token(scope={self.scope!r}, expires_at={self.expires_at:.0f}, fp={fingerprint(self.access_token)})"
+
+
+def fingerprint(secret: str) -> str:
+    """What logs show instead of a token: its length and last four characters."""
+    return f"…{secret[-4:]}({len(secret)})"
+
+
+class Issuer:
+    """One HTTP session towards one Maskinporten environment."""
+
+    def __init__(
+        self,
+        environment: str,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.environment = environment
+        self.timeout = (connect_timeout, read_timeout)
+        self.clock = clock
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = "mpagent"
+        self.skew: float | None = None  # issuer clock minus ours, from the last Date header
+        self._endpoints: Endpoints | None = None
+
+    def endpoints(self) -> Endpoints:
+        if self._endpoints is None:
+            self._endpoints = self._discover()
+        return self._endpoints
+
+    def _discover(self) -> Endpoints:
+        base = ENVIRONMENTS.get(self.environment, self.environment)
+        if self.environment in ENVIRONMENTS:
+            return Endpoints(issuer=base, token_endpoint=base + "token")
+        url = base.rstrip("/") + "/" + METADATA_PATH
+        body = self._json(self._send("GET", url), url)
+        issuer, endpoint = body.get("issuer"), body.get("token_endpoint")
+        if not isinstance(issuer, str) or not isinstance(endpoint, str):
+            raise IssuerUnavailable(
+                f"metadata at {url} lacks issuer or token_endpoint; is {base} a Maskinporten issuer?"
+            )
+        return Endpoints(issuer=issuer, token_endpoint=endpoint)
+
+    def request_token(self, assertion: str) -> Token:
+        endpoint = self.endpoints().token_endpoint
+        requested_at = self.clock()
+        response = self._send(
+            "POST", endpoint, data={"grant_type": JWT_BEARER, "assertion": assertion}
+        )
+        self._note_skew(response, requested_at)
+        if 400 <= response.status_code < 500 and response.status_code != 429:
+            raise rejection(response)
+        body = self._json(response, endpoint)
+        return parse_token(body, requested_at, endpoint)
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        try:
+            response = self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.Timeout as exc:
+            raise IssuerUnavailable(
+                f"{url} did not answer within {self.timeout[1]:g} s; try again, or check the network"
+            ) from exc
+        except requests.RequestException as exc:
+            raise IssuerUnavailable(
+                f"cannot reach {url}: {type(exc).__name__}; check the network and the environment setting"
+            ) from exc
+        if response.status_code == 429 or response.status_code >= 500:
+            raise IssuerUnavailable(
+                f"{url} answered HTTP {response.status_code}; Maskinporten is failing, will retry"
+            )
+        return response
+
+    def _json(self, response: requests.Response, url: str) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise IssuerUnavailable(
+                f"{url} answered HTTP {response.status_code} with a body that is not a JSON object"
+            )
+        return body
+
+    def _note_skew(self, response: requests.Response, sent_at: float) -> None:
+        date = response.headers.get("Date")
+        if not date:
+            return
+        try:
+            theirs = email.utils.parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError):
+            return
+        # Date has one-second resolution; compare with the middle of the round trip.
+        ours = (sent_at + self.clock()) / 2
+        self.skew = theirs - ours
+        if abs(self.skew) > SKEW_WARNING + 0.5:
+            log.warning(
+                "the local clock is %.0f s %s Maskinporten's (it allows 10 s); fix the clock (NTP)",
+                abs(self.skew),
+                "behind" if self.skew > 0 else "ahead of",
+            )
+
+
+def parse_token(body: dict[str, Any], requested_at: float, url: str) -> Token:
+    access_token, expires_in = body.get("access_token"), body.get("expires_in")
+    if not isinstance(access_token, str) or not access_token:
+        raise IssuerUnavailable(f"{url} answered without an access_token")
+    if not _B64TOKEN.fullmatch(access_token):
+        # RFC 6750 b64token: anything else could break the socket protocol or the env file.
+        raise IssuerUnavailable(f"{url} answered with an access_token that is not a bearer token")
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
+        raise IssuerUnavailable(
+            f"{url} answered with expires_in = {expires_in!r}, not a positive number"
+        )
+    return Token(
+        access_token=access_token,
+        token_type=str(body.get("token_type") or "Bearer"),
+        scope=str(body.get("scope") or ""),
+        requested_at=requested_at,
+        expires_at=requested_at + float(expires_in),
+    )
+
+
+def rejection(response: requests.Response) -> IssuerRejected:
+    """Maskinporten's error JSON as an IssuerRejected, its description shown verbatim."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    error = str(body.get("error") or f"http_{response.status_code}")
+    description = str(body.get("error_description") or response.reason or "no description")
+    found = _MP_CODE.search(str(body.get("error_uri") or "")) or _MP_CODE.search(description)
+    mp_code = found.group(1) if found else None
+    code = f" [{mp_code}]" if mp_code else ""
+    hint = HINTS.get(mp_code or "", HINTS.get(error, ""))
+    return IssuerRejected(
+        f"Maskinporten refused the grant: {error}{code}: {description}"
+        + (f" — {hint}" if hint else ""),
+        error=error,
+        error_description=description,
+        mp_code=mp_code,
+        status=response.status_code,
+    )
+
+
+HINTS = {
+    "MP-100": "check client_id and that the client belongs to this environment (test vs prod)",
+    "MP-110": "the grant's aud must be the issuer; check `environment`",
+    "MP-120": "check the certificate: test certificates work only in test, production ones only in prod; "
+    "it must be valid and the authentication (digitalSignature) certificate",
+    "MP-121": "the registered key is older than a year; upload a new key and set kid",
+    "MP-122": "the certificate belongs to another organisation than the client",
+    "MP-124": "the signature does not match: wrong alias or key",
+    "MP-130": "the grant expired on arrival; check the local clock (NTP)",
+    "MP-012": "a grant was reused; this is a bug, please report it",
+    "MP-200": "register the scope on the client in Digdir's self-service portal",
+    "MP-250": "the API owner has not granted your organisation this scope",
+    "invalid_scope": "register the scope on the client in Digdir's self-service portal",
+}

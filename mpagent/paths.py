@@ -1,0 +1,49 @@
+"""Where things live. Pure apart from reading the environment.
+
+The socket path is on the `mpagent get` hot path, where importing platformdirs (and the pathlib
+it pulls in) would cost more than the rest of the client together. So `runtime_dir` takes
+`XDG_RUNTIME_DIR` directly on Linux, which is exactly platformdirs' rule there, and asks
+platformdirs only in the other cases.
+"""
+
+import os
+import sys
+
+APP = "mpagent"
+
+
+def config_file() -> str:
+    explicit = os.environ.get("MPAGENT_CONFIG")
+    if explicit:
+        return explicit
+    import platformdirs
+
+    return os.path.join(platformdirs.user_config_dir(APP, appauthor=False), "config.toml")
+
+
+def runtime_dir() -> str:
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if sys.platform.startswith("linux") and xdg:
+        return os.path.join(xdg, APP)
+    import warnings
+
+    import platformdirs
+
+    with warnings.catch_warnings():
+        # Without XDG_RUNTIME_DIR platformdirs warns and uses /tmp/runtime-<uid>; that is
+        # acceptable because the agent creates and checks the directory as private.
+        warnings.simplefilter("ignore")
+        return platformdirs.user_runtime_dir(APP, appauthor=False)
+
+
+def socket_path() -> str:
+    return os.environ.get("MPAGENT_SOCKET") or os.path.join(runtime_dir(), "agent.sock")
+
+
+def default_env_file() -> str:
+    return os.path.join(runtime_dir(), "tokens.env")
+
+
+def lock_file() -> str:
+    """The single-instance lock sits beside the socket it guards."""
+    return socket_path() + ".lock"

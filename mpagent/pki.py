@@ -1,0 +1,105 @@
+"""A throwaway test PKI: a CA and business-certificate look-alikes for the emulator, the demo
+and the tests. Nothing here is ever used against the real Maskinporten."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+TEST_ORG_NUMBER = "999999999"
+
+
+@dataclass(frozen=True, repr=False)
+class Issued:
+    """A private key and its certificate."""
+
+    key: rsa.RSAPrivateKey
+    cert: x509.Certificate
+
+
+def new_rsa_key(bits: int = 2048) -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def make_ca(name: str = "mpagent throwaway test CA", *, now: dt.datetime | None = None) -> Issued:
+    now = now or dt.datetime.now(dt.UTC)
+    key = new_rsa_key()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return Issued(key, cert)
+
+
+def make_leaf(
+    ca: Issued,
+    *,
+    org_number: str = TEST_ORG_NUMBER,
+    name: str = "TEST ORGANISASJON",
+    usage: str = "digitalSignature",
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+    key: rsa.RSAPrivateKey | None = None,
+) -> Issued:
+    """A business-certificate look-alike. `usage` is "digitalSignature" (the authentication
+    certificate, the one to sign grants with) or "nonRepudiation" (the signing certificate)."""
+    now = dt.datetime.now(dt.UTC)
+    key = key or new_rsa_key()
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "NO"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+            x509.NameAttribute(NameOID.SERIAL_NUMBER, org_number),
+            x509.NameAttribute(NameOID.ORGANIZATION_IDENTIFIER, f"NTRNO-{org_number}"),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or now - dt.timedelta(days=1))
+        .not_valid_after(not_after or now + dt.timedelta(days=3 * 365))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            _key_usage(
+                digital_signature=usage == "digitalSignature",
+                non_repudiation=usage == "nonRepudiation",
+            ),
+            critical=True,
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+    return Issued(key, cert)
+
+
+def _key_usage(
+    *, digital_signature: bool = False, non_repudiation: bool = False, cert_sign: bool = False
+) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=non_repudiation,
+        key_encipherment=digital_signature,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )

@@ -1,0 +1,287 @@
+"""Keeps each token key fresh: one scheduler, single-flight per key, backoff on failure.
+
+Runs on the agent's event loop; the blocking exchange (keyring, disk, HTTP) runs in a thread
+pool, never on the loop. Each key fails alone. Times are wall-clock (`time.time`) because
+expiry is absolute; the scheduler sleeps in slices of at most MAX_SLEEP so that a suspended
+laptop cannot oversleep a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from mpagent import grant, tokens
+from mpagent.config import Profile
+from mpagent.errors import ConfigError, IssuerRejected, IssuerUnavailable, MpagentError
+from mpagent.exchange import Exchange
+from mpagent.issuer import Token, fingerprint
+from mpagent.tokens import TokenKey
+
+log = logging.getLogger(__name__)
+
+MAX_SLEEP = 5.0
+# How long a `get` may wait for a backoff to end before it fails with the last error.
+GET_BACKOFF_WAIT = 10.0
+
+
+@dataclass
+class Source:
+    """A profile as the agent can use it: its exchange, or why it has none."""
+
+    profile: Profile
+    exchange: Exchange | None = None
+    error: MpagentError | None = None
+
+    def key_for(self, scopes: Iterable[str]) -> TokenKey:
+        p = self.profile
+        if self.exchange is None:
+            key_id = "unavailable"
+        else:
+            key_id = p.kid or self.exchange.key.kid or self.exchange.key.fingerprint
+        return TokenKey(
+            p.name, p.environment, p.client_id, key_id, grant.scope_string(scopes), p.claims_json
+        )
+
+
+class Entry:
+    """One token key's state."""
+
+    def __init__(self, key: TokenKey, source: Source, *, pinned: bool, now: float) -> None:
+        self.key, self.source, self.pinned = key, source, pinned
+        self.token: Token | None = None
+        self.error: MpagentError | None = source.error
+        self.failures = 0
+        self.retry_at: float | None = None
+        self.soft_at: float | None = None
+        self.inflight: asyncio.Task[None] | None = None
+        self.expiry_noted = False
+        self.refreshes = 0
+        self.issuer_requests = 0
+        self.last_used = now
+
+    def due_at(self, now: float) -> float | None:
+        if self.inflight is not None or self.source.exchange is None:
+            return None
+        if self.retry_at is not None:
+            return self.retry_at
+        if self.token is None:
+            return now
+        return self.soft_at
+
+    def succeed(self, token: Token, rand: float) -> None:
+        self.token, self.error, self.failures, self.retry_at = token, None, 0, None
+        self.expiry_noted = False
+        self.soft_at = tokens.soft_deadline(token, rand)
+        self.refreshes += 1
+
+    def fail(self, exc: MpagentError, now: float, rand: float) -> None:
+        self.error = exc
+        self.failures += 1
+        rejected = isinstance(exc, IssuerRejected | ConfigError)
+        self.retry_at = now + tokens.backoff(self.failures, rand, rejected=rejected)
+
+    def status(self, now: float) -> dict[str, Any]:
+        t = self.token
+        return {
+            "profile": self.key.profile,
+            "scope": self.key.scope,
+            "configured": self.pinned,
+            "expires_at": t.expires_at if t else None,
+            "valid": bool(t and t.expires_at > now),
+            "next_refresh": self.due_at(now),
+            "refreshes": self.refreshes,
+            "issuer_requests": self.issuer_requests,
+            "failures": self.failures,
+            "last_error": self.error.to_wire() if self.error else None,
+        }
+
+
+class Refresher:
+    def __init__(
+        self,
+        pool: Executor,
+        *,
+        idle_timeout: float = 900.0,
+        on_change: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.pool, self.idle_timeout, self.on_change = pool, idle_timeout, on_change
+        self.clock, self.rand = clock, rand
+        self.sources: dict[str, Source] = {}
+        self.default_profile: str | None = None
+        self.entries: dict[TokenKey, Entry] = {}
+        self._wake = asyncio.Event()
+
+    # -- configuration -------------------------------------------------------------------
+
+    def set_sources(self, sources: dict[str, Source], default_profile: str | None) -> None:
+        """Adopt a new, fully validated configuration. Entries whose identity is unchanged
+        keep their tokens; the others are dropped; configured scopes are pinned."""
+        self.sources, self.default_profile = sources, default_profile
+        now = self.clock()
+        pinned = {s.key_for([scope]): s for s in sources.values() for scope in s.profile.scopes}
+        kept: dict[TokenKey, Entry] = {}
+        for key, entry in self.entries.items():
+            source = sources.get(key.profile)
+            if source is not None and source.key_for([key.scope]) == key:
+                entry.source, entry.pinned = source, key in pinned
+                kept[key] = entry
+            else:
+                log.info("dropping token %s: its configuration changed", key)
+        for key, source in pinned.items():
+            kept.setdefault(key, Entry(key, source, pinned=True, now=now))
+        self.entries = kept
+        self._wake.set()
+        self.on_change()
+
+    def source(self, profile: str | None) -> Source:
+        name = profile or self.default_profile
+        if name is None and len(self.sources) == 1:
+            name = next(iter(self.sources))
+        if name is None:
+            raise ConfigError(
+                f"several profiles ({', '.join(sorted(self.sources))}) and none chosen; "
+                "pass --profile NAME, set MPAGENT_PROFILE, or set default_profile"
+            )
+        if name not in self.sources:
+            raise ConfigError(f"no profile '{name}' (profiles: {', '.join(sorted(self.sources))})")
+        return self.sources[name]
+
+    # -- serving -------------------------------------------------------------------------
+
+    def cached(self, profile: str | None, scopes: list[str], min_ttl: float | None) -> Token | None:
+        """The fast path: a usable cached token, without awaiting anything."""
+        entry = self._entry(profile, scopes)
+        token = entry.token
+        if tokens.usable(token, self.clock(), min_ttl):
+            return token
+        return None
+
+    async def get(self, profile: str | None, scopes: list[str], min_ttl: float | None) -> Token:
+        """A token with at least min_ttl left: from the cache, else from the single
+        in-flight refresh, else the last error."""
+        entry = self._entry(profile, scopes)
+        while True:
+            now = self.clock()
+            if tokens.usable(entry.token, now, min_ttl):
+                assert entry.token is not None
+                return entry.token
+            if entry.source.exchange is None:
+                raise entry.error or ConfigError(f"profile {entry.key.profile} is not usable")
+            if entry.inflight is None:
+                if entry.retry_at is not None and entry.retry_at > now:
+                    if entry.retry_at - now > GET_BACKOFF_WAIT:
+                        raise entry.error or IssuerUnavailable("waiting to retry")
+                    await asyncio.sleep(entry.retry_at - now)
+                    continue
+                self._start(entry)
+            assert entry.inflight is not None
+            await asyncio.shield(entry.inflight)
+            if tokens.usable(entry.token, self.clock(), min_ttl):
+                continue
+            if entry.error is not None:
+                raise entry.error
+            if entry.token is not None:
+                raise MpagentError(
+                    f"the issuer's tokens live {entry.token.lifetime:.0f} s, less than the "
+                    f"{min_ttl:g} s asked for with --min-ttl; ask for less"
+                )
+
+    def _entry(self, profile: str | None, scopes: list[str]) -> Entry:
+        source = self.source(profile)
+        key = source.key_for(scopes)
+        now = self.clock()
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self.entries[key] = Entry(key, source, pinned=False, now=now)
+            log.info("new on-demand token key %s", key)
+        entry.last_used = now
+        return entry
+
+    # -- refreshing ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The scheduler: sleeps until the next deadline (in bounded slices), starts due
+        refreshes, drops on-demand keys nobody has asked for in idle_timeout."""
+        while True:
+            now = self.clock()
+            wake_at = now + MAX_SLEEP
+            for key, entry in list(self.entries.items()):
+                if not entry.pinned and now - entry.last_used > self.idle_timeout:
+                    log.info("dropping idle on-demand token key %s", key)
+                    del self.entries[key]
+                    continue
+                if entry.token is not None and not entry.expiry_noted:
+                    # The env file must drop a token the moment it expires.
+                    if entry.token.expires_at <= now:
+                        entry.expiry_noted = True
+                        self.on_change()
+                    else:
+                        wake_at = min(wake_at, entry.token.expires_at)
+                due = entry.due_at(now)
+                if due is None:
+                    continue
+                if due <= now:
+                    self._start(entry)
+                else:
+                    wake_at = min(wake_at, due)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, wake_at - self.clock()))
+            except TimeoutError:
+                pass
+
+    def _start(self, entry: Entry) -> None:
+        entry.inflight = asyncio.get_running_loop().create_task(self._refresh(entry))
+
+    async def _refresh(self, entry: Entry) -> None:
+        exchange = entry.source.exchange
+        assert exchange is not None
+        loop = asyncio.get_running_loop()
+        entry.issuer_requests += 1
+        try:
+            token = await loop.run_in_executor(self.pool, exchange.fetch, entry.key.scope.split())
+            if not tokens.acceptable(token, self.clock()):
+                raise IssuerUnavailable(
+                    f"the issuer answered with a token that expires in "
+                    f"{token.expires_at - self.clock():.0f} s; check the local clock"
+                )
+        except MpagentError as exc:
+            entry.fail(exc, self.clock(), self.rand())
+            log.warning(
+                "token %s: %s (retry in %.1f s)",
+                entry.key,
+                exc,
+                (entry.retry_at or 0) - self.clock(),
+            )
+        except Exception as exc:  # a bug or an unexpected library error: this key fails alone
+            log.exception("token %s: unexpected error", entry.key)
+            entry.fail(
+                MpagentError(f"unexpected error: {type(exc).__name__}"), self.clock(), self.rand()
+            )
+        else:
+            entry.succeed(token, self.rand())
+            log.info(
+                "token %s refreshed: %s, expires in %.0f s, next refresh in %.0f s",
+                entry.key,
+                fingerprint(token.access_token),
+                token.expires_at - self.clock(),
+                (entry.soft_at or 0) - self.clock(),
+            )
+        finally:
+            entry.inflight = None
+            self._wake.set()
+        if self.entries.get(entry.key) is entry:
+            self.on_change()
+
+    def status(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        return [e.status(now) for _, e in sorted(self.entries.items())]

@@ -1,0 +1,37 @@
+"""Human-readable renderings of the agent's status document. Pure."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def _when(at: float | None, now: float) -> str:
+    if at is None:
+        return "-"
+    delta = at - now
+    return f"in {delta:.0f} s" if delta >= 0 else f"{-delta:.0f} s ago"
+
+
+def status(doc: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    lines = [
+        f"agent     pid {doc['pid']}, up {doc['uptime']:.0f} s, version {doc['version']}",
+        f"socket    {doc['socket']}",
+        f"env file  {doc['env_file']}",
+        f"config    {doc['config']}",
+    ]
+    if doc.get("reload_error"):
+        lines.append(f"RELOAD FAILED (old configuration still running): {doc['reload_error']}")
+    for name, error in sorted(doc.get("profiles", {}).items()):
+        if error:
+            lines.append(f"profile {name} unusable: {error}")
+    lines.append("")
+    lines.append(f"{'PROFILE':<12} {'SCOPE':<32} {'EXPIRES':<12} {'REFRESH':<12} {'REFRESHES':>9} ERROR")
+    for t in doc.get("tokens", []):
+        error = t.get("last_error") or {}
+        lines.append(
+            f"{t['profile']:<12} {t['scope']:<32} {_when(t['expires_at'], now):<12} "
+            f"{_when(t['next_refresh'], now):<12} {t['refreshes']:>9} {error.get('message', '')}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""What a token is, what identifies it, and when to refresh it. Pure: every function takes
+the time and the randomness it needs as arguments, so the policy is tested exactly.
+
+With Maskinporten's 120-second tokens the defaults give:
+- soft deadline (background refresh starts) 50-60 % into the lifetime: 60-72 s, the
+  jitter spreading keys that were fetched together;
+- hard deadline (a `get` waits for the refresh instead of answering from the cache) when
+  less than the minimum remaining life is left: 10 s, or a quarter of the lifetime for
+  short-lived tokens;
+- failures back off exponentially from 1 s to 60 s, each wait randomised between half and
+  all of its nominal value; a rejection starts higher (15 s) because retrying it quickly
+  cannot help.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mpagent.issuer import Token
+
+SOFT_FRACTION = 0.5
+SOFT_JITTER = 0.1
+DEFAULT_MIN_TTL = 10.0
+MIN_TTL_FRACTION = 0.25
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 60.0
+REJECTED_BACKOFF_BASE = 15.0
+
+
+@dataclass(frozen=True, order=True)
+class TokenKey:
+    """Everything that changes a token's identity; one token per key."""
+
+    profile: str
+    environment: str
+    client_id: str
+    key_id: str  # kid, or the signing certificate's fingerprint
+    scope: str  # canonical: sorted, de-duplicated, space-separated
+    claims: str  # canonical JSON of the optional claims
+
+    def __str__(self) -> str:
+        return f"{self.profile}:{self.scope}"
+
+
+def min_ttl(requested: float | None, lifetime: float) -> float:
+    """The least remaining life a served token must have."""
+    if requested is not None:
+        return requested
+    return min(DEFAULT_MIN_TTL, lifetime * MIN_TTL_FRACTION)
+
+
+def soft_deadline(token: Token, rand: float) -> float:
+    """When to start a background refresh; `rand` in [0, 1) spreads keys apart."""
+    return token.requested_at + token.lifetime * (SOFT_FRACTION + SOFT_JITTER * rand)
+
+
+def hard_deadline(token: Token, requested_min_ttl: float | None = None) -> float:
+    """After this a `get` must not be answered from this token."""
+    return token.expires_at - min_ttl(requested_min_ttl, token.lifetime)
+
+
+def usable(token: Token | None, now: float, requested_min_ttl: float | None = None) -> bool:
+    return token is not None and now < hard_deadline(token, requested_min_ttl)
+
+
+def acceptable(token: Token, now: float) -> bool:
+    """A fresh answer that is already past its hard deadline is a failure, not a token."""
+    return usable(token, now)
+
+
+def backoff(failures: int, rand: float, *, rejected: bool = False) -> float:
+    """Seconds to wait after the `failures`-th consecutive failure (1, 2, ...)."""
+    base = REJECTED_BACKOFF_BASE if rejected else BACKOFF_BASE
+    nominal = min(BACKOFF_CAP, base * 2 ** max(0, failures - 1))
+    return nominal * (0.5 + 0.5 * rand)

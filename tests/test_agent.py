@@ -1,0 +1,335 @@
+"""The agent end to end: a real agent process, the real CLI, the emulator issuing tokens that
+live a few seconds, real Unix sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mpagent import client, paths, pki
+from mpagent.emulator import Emulator
+from mpagent.errors import IssuerUnavailable
+
+from .agentproc import AgentProcess, wait_for
+from .conftest import CLIENT_ID, PASSWORD, SCOPES, profile_for, run_cli, write_config
+
+LIFETIME = 4
+ENV = {"MPAGENT_KEYSTORE_PASSWORD": PASSWORD}
+
+
+@pytest.fixture
+def short_emulator(ca: pki.Issued) -> Iterator[Emulator]:
+    with Emulator(clients={CLIENT_ID: SCOPES}, trust=[ca.cert], token_lifetime=LIFETIME) as emu:
+        yield emu
+
+
+@pytest.fixture
+def config(tmp_path: Path, home: Path, short_emulator: Emulator, p12: Path) -> Path:
+    profile = profile_for(short_emulator, p12, scopes=[SCOPES[0]])
+    return write_config(tmp_path / "config.toml", {"dev": profile}, agent={"log_level": "debug"})
+
+
+@pytest.fixture
+def agent(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[AgentProcess]:
+    monkeypatch.setenv("MPAGENT_KEYSTORE_PASSWORD", PASSWORD)
+    monkeypatch.setenv("MPAGENT_NO_AUTOSTART", "1")
+    proc = AgentProcess(config, tmp_path / "agent.log").wait_ready()
+    yield proc
+    proc.stop()
+
+
+def status() -> dict:
+    return json.loads(dict(client.call(paths.socket_path(), "status"))["json"])
+
+
+def token_count(emulator: Emulator) -> int:
+    return emulator.token_requests
+
+
+def env_file() -> Path:
+    return Path(paths.default_env_file())
+
+
+def test_get_answers_from_the_cache(agent: AgentProcess, short_emulator: Emulator) -> None:
+    """A configured scope is fetched at start; `get` answers from the cache, stdout = token."""
+    first = run_cli("get", SCOPES[0])
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("\n") == 1 and first.stdout.startswith("eyJ")
+    requests = short_emulator.token_requests
+    again = run_cli("get", SCOPES[0])
+    assert again.stdout == first.stdout
+    assert short_emulator.token_requests == requests
+
+
+def test_refresh_ahead_without_clients(agent: AgentProcess, short_emulator: Emulator) -> None:
+    """With no client activity the token is replaced before it expires, and the env file
+    follows each refresh with mode 0600."""
+    wait_for(lambda: env_file().exists() and "TOKEN" in env_file().read_text())
+    first = env_file().read_text()
+    before = status()["tokens"][0]
+    assert before["refreshes"] >= 1
+    wait_for(lambda: env_file().read_text() != first, timeout=LIFETIME + 2)
+    after = status()["tokens"][0]
+    assert after["refreshes"] > before["refreshes"]
+    assert after["expires_at"] - time.time() > LIFETIME * 0.3  # replaced well before expiry
+    assert stat.S_IMODE(env_file().stat().st_mode) == 0o600
+    lines = dict(line.split("=", 1) for line in env_file().read_text().splitlines()[1:])
+    assert set(lines) == {"MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ", "MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ_EXPIRES_AT"}
+
+
+def test_single_flight(agent: AgentProcess, short_emulator: Emulator) -> None:
+    """100 concurrent gets for a cold on-demand key cause exactly one token request."""
+    wait_for(lambda: status()["tokens"][0]["refreshes"] >= 1)
+    before = short_emulator.token_requests
+    results: list[str] = []
+
+    def one() -> None:
+        results.append(dict(client.call(paths.socket_path(), "get", [("scope", SCOPES[2])]))["token"])
+
+    threads = [threading.Thread(target=one) for _ in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 100 and len(set(results)) == 1
+    # Only the new key's one request (a configured-key refresh may also have happened).
+    new_key = [t for t in status()["tokens"] if t["scope"] == SCOPES[2]][0]
+    assert new_key["issuer_requests"] == 1
+    assert short_emulator.token_requests - before <= 2
+
+
+def test_outage_serves_cached_then_fails(agent: AgentProcess, short_emulator: Emulator) -> None:
+    """While the issuer is down the valid token keeps being served; after expiry `get`
+    fails with exit 75 and the issuer's failure."""
+    wait_for(lambda: status()["tokens"][0]["refreshes"] >= 1)
+    token = run_cli("get", SCOPES[0]).stdout
+    short_emulator.inject("503", 1000)
+    expires_at = status()["tokens"][0]["expires_at"]
+    served = []
+    while time.time() < expires_at - 1.5:
+        result = run_cli("get", SCOPES[0])
+        assert result.returncode == 0, result.stderr
+        served.append(result.stdout)
+    assert served and all(s == token for s in served)
+    wait_for(lambda: time.time() > expires_at, timeout=LIFETIME + 1)
+    failed = run_cli("get", SCOPES[0])
+    assert failed.returncode == 75 and failed.stdout == ""
+    assert "answered HTTP 503" in failed.stderr
+    assert status()["tokens"][0]["last_error"]["kind"] == "unavailable"
+
+
+def test_rejection_exit_77(agent: AgentProcess) -> None:
+    """An unregistered scope fails at once with exit 77 and Maskinporten's description."""
+    result = run_cli("get", "not:registered")
+    assert result.returncode == 77 and result.stdout == ""
+    assert "MP-200" in result.stderr and "not:registered" in result.stderr
+
+
+def test_reload_on_config_change_and_bad_config(agent: AgentProcess, config: Path) -> None:
+    """Editing the config reloads it; a broken config is refused, shown in status, and the
+    old one keeps serving."""
+    original = config.read_text()
+    config.write_text(original.replace(f'scopes = ["{SCOPES[0]}"]', f'scopes = ["{SCOPES[0]}", "{SCOPES[1]}"]'))
+    wait_for(lambda: any(t["scope"] == SCOPES[1] and t["configured"] for t in status()["tokens"]))
+    config.write_text(original.replace("client_id", "clientid"))
+    wait_for(lambda: status()["reload_error"])
+    assert "unknown key 'clientid'" in status()["reload_error"]
+    assert run_cli("get", SCOPES[1]).returncode == 0
+    reload = run_cli("reload")
+    assert reload.returncode == 78 and "unknown key 'clientid'" in reload.stderr
+
+
+def test_sighup_reloads(agent: AgentProcess, config: Path) -> None:
+    """SIGHUP re-reads the configuration."""
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: "reloading (a watched file changed or SIGHUP)" in agent.log())
+
+
+def test_graceful_stop_removes_socket_and_env_file(agent: AgentProcess) -> None:
+    """`mpagent stop` ends the agent cleanly: socket and env file are gone."""
+    wait_for(env_file().exists)
+    assert run_cli("stop").returncode == 0
+    assert agent.proc.wait(10) == 0
+    assert not Path(paths.socket_path()).exists()
+    assert not env_file().exists()
+
+
+def test_second_agent_refused(agent: AgentProcess, config: Path) -> None:
+    """A second agent on the same socket exits with 'already running'."""
+    second = run_cli("--config", str(config), "agent", timeout=20)
+    assert second.returncode != 0 and "already running" in second.stderr
+    assert run_cli("get", SCOPES[0]).returncode == 0
+
+
+def test_stale_socket_is_replaced(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket file left by a dead agent is probed and replaced."""
+    path = Path(paths.socket_path())
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(path))
+    dead.close()  # the file stays, nobody listens
+    monkeypatch.setenv("MPAGENT_KEYSTORE_PASSWORD", PASSWORD)
+    proc = AgentProcess(config, tmp_path / "agent.log").wait_ready()
+    try:
+        assert run_cli("get", SCOPES[0]).returncode == 0
+        assert "replacing stale socket" in proc.log()
+    finally:
+        proc.stop()
+
+
+def test_malformed_input_answered_without_harm(agent: AgentProcess) -> None:
+    """Garbage, oversized and half-closed requests get error replies; the agent keeps serving."""
+
+    def raw(data: bytes, shut: bool = True) -> bytes:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(paths.socket_path())
+            s.sendall(data)
+            if shut:
+                s.shutdown(socket.SHUT_WR)
+            return s.recv(65536)
+
+    assert raw(b"\xff\xfe\n").startswith(b"error kind=protocol")
+    assert raw(b"mpagent/9 get scope=x\n").startswith(b"error kind=protocol")
+    assert raw(b"mpagent/1 explode\n").startswith(b"error kind=protocol")
+    assert raw(b"mpagent/1 get\n").startswith(b"error kind=protocol")
+    assert raw(b"mpagent/1 get scope=a min_ttl=abc\n").startswith(b"error kind=protocol")
+    assert raw(b"mpagent/1 get scope=x").startswith(b"error kind=protocol")  # no newline, EOF
+    assert raw(b"x" * 100_000, shut=False).startswith(b"error kind=protocol")
+    assert run_cli("get", SCOPES[0]).returncode == 0
+
+
+def test_no_secrets_in_debug_log(agent: AgentProcess, p12: Path) -> None:
+    """At debug level the log holds no token, grant, password or key material."""
+    token = run_cli("get", SCOPES[0]).stdout.strip()
+    wait_for(lambda: status()["tokens"][0]["refreshes"] >= 2, timeout=LIFETIME + 2)
+    log = agent.log()
+    assert "refreshed" in log
+    for secret in (token, token[-40:], PASSWORD, "eyJ", "PRIVATE KEY"):
+        assert secret not in log
+
+
+def test_peer_of_another_uid_is_refused(agent: AgentProcess) -> None:
+    """A process running as another user cannot get an answer from the socket."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to switch to another uid")
+    code = (
+        "import os, socket, sys\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n"
+        f"    s.connect({paths.socket_path()!r}); s.sendall(b'mpagent/1 status\\n')\n"
+        "    print(repr(s.recv(100)))\n"
+        "except OSError as e:\n"
+        "    print('refused', e.errno)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("refused") or out.strip() == "b''", out
+
+
+def test_env_and_exec(agent: AgentProcess, config: Path) -> None:
+    """`env` prints export lines; `exec` runs the command with the token in its environment
+    and passes its exit status through."""
+    token = run_cli("get", SCOPES[0]).stdout.strip()
+    env = run_cli("--config", str(config), "env")
+    assert f"export MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ={token}" in env.stdout.splitlines()
+    script = 'test "$MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ" = "$EXPECTED" && exit 7'
+    result = run_cli("--config", str(config), "exec", "--", "sh", "-c", script, env={"EXPECTED": token})
+    assert result.returncode == 7
+
+
+def test_status_human_and_json(agent: AgentProcess) -> None:
+    """status shows pid, socket, env file and each key's expiry and refresh count."""
+    wait_for(lambda: status()["tokens"][0]["refreshes"] >= 1)
+    human = run_cli("status")
+    assert human.returncode == 0 and "idporten:dcr.read" in human.stdout and "socket" in human.stdout
+    document = json.loads(run_cli("status", "--json").stdout)
+    assert document["pid"] == agent.proc.pid and document["tokens"][0]["valid"]
+
+
+def test_hot_path_imports_nothing_heavy(agent: AgentProcess) -> None:
+    """`mpagent get` through the agent imports no requests, cryptography, jwt, jks, keyring,
+    watchdog, asyncio, argparse, json or typing."""
+    result = run_cli("get", SCOPES[0], env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert result.returncode == 0
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    heavy = {"requests", "cryptography", "jwt", "jks", "keyring", "watchdog", "asyncio", "argparse", "json", "typing", "platformdirs", "socket"}
+    assert imported and not (imported & heavy), imported & heavy
+
+
+def test_get_without_agent_fails_69_with_no_start(home: Path, config: Path) -> None:
+    """With autostart off and no agent, `get` fails with exit 69 and says how to start one."""
+    result = run_cli("get", SCOPES[0], "--no-start")
+    assert result.returncode == 69 and result.stdout == ""
+    assert "mpagent agent" in result.stderr
+
+
+def test_autostart_after_kill_9(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no agent, `get` starts one; after kill -9 the next `get` starts a new one."""
+    monkeypatch.setenv("MPAGENT_KEYSTORE_PASSWORD", PASSWORD)
+    monkeypatch.setenv("MPAGENT_CONFIG", str(config))
+    first = run_cli("get", SCOPES[0])
+    assert first.returncode == 0, first.stderr
+    pid = status()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not _alive(pid))
+    second = run_cli("get", SCOPES[0])
+    assert second.returncode == 0, second.stderr
+    new_pid = status()["pid"]
+    assert new_pid != pid
+    client.call(paths.socket_path(), "stop")
+    wait_for(lambda: not _alive(new_pid))
+
+
+def test_twenty_simultaneous_gets_start_one_agent(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twenty simultaneous `get`s with no agent running start exactly one agent; all succeed."""
+    monkeypatch.setenv("MPAGENT_KEYSTORE_PASSWORD", PASSWORD)
+    monkeypatch.setenv("MPAGENT_CONFIG", str(config))
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "mpagent", "get", SCOPES[0]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(20)
+    ]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outputs]
+    assert len({o[0] for o in outputs}) == 1
+    pid = status()["pid"]
+    log = (Path(os.environ["XDG_STATE_HOME"]) / "mpagent" / "agent.log").read_text()
+    assert log.count("serving on") == 1, log
+    client.call(paths.socket_path(), "stop")
+    wait_for(lambda: not _alive(pid))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child of ours still "exists"; check its state.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_error_class_survives_the_socket(agent: AgentProcess, short_emulator: Emulator) -> None:
+    """An issuer failure reaches the client as the same error class with its details."""
+    short_emulator.inject("503", 1000)
+    with pytest.raises(IssuerUnavailable, match="HTTP 503"):
+        client.call(paths.socket_path(), "get", [("scope", "idporten:dcr.write")])
+
+
+def test_header_for_curl(agent: AgentProcess) -> None:
+    """`header` prints one Authorization line with the same token `get` gives."""
+    token = run_cli("get", SCOPES[0]).stdout.strip()
+    assert run_cli("header", SCOPES[0]).stdout == f"Authorization: Bearer {token}\n"
