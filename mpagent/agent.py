@@ -31,6 +31,7 @@ from mpagent.refresher import Refresher, Source
 log = logging.getLogger("mpagent")
 
 RELOAD_DEBOUNCE = 0.3
+SD_LISTEN_FDS_START = 3
 
 
 def load_sources(cfg: Config, *, strict: bool, interactive: bool = False) -> dict[str, Source]:
@@ -55,6 +56,7 @@ class Agent:
         self.socket_path = Path(paths.socket_path())
         self.env_path = cfg.agent.env_file or Path(paths.default_env_file())
         self.started = time.time()
+        self.owns_socket = True
         self.reload_error: MpagentError | None = None
         self.stopping = asyncio.Event()
         self.fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mpagent-fetch")
@@ -70,11 +72,17 @@ class Agent:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    async def run(self, listener: socket.socket | None = None) -> int:
+    async def run(self) -> int:
         loop = asyncio.get_running_loop()
         lock = self._lock()
         try:
-            sock = listener or server.bind_private(self.socket_path)
+            sock = inherited_listener()
+            if sock is None:
+                sock = server.bind_private(self.socket_path)
+            else:
+                self.owns_socket = False  # the service manager made it and keeps it
+                self.socket_path = Path(sock.getsockname())
+                log.info("using the socket passed by the service manager")
             sources = await loop.run_in_executor(
                 self.io, lambda: load_sources(self.cfg, strict=False, interactive=os.isatty(0))
             )
@@ -93,8 +101,9 @@ class Agent:
             notify("STOPPING=1")
             log.info("stopping")
             srv.close()
-            with contextlib.suppress(FileNotFoundError):
-                self.socket_path.unlink()
+            if self.owns_socket:
+                with contextlib.suppress(FileNotFoundError):
+                    self.socket_path.unlink()
             scheduler.cancel()
             await self._finish_env()
             with contextlib.suppress(FileNotFoundError):
@@ -286,6 +295,20 @@ def _float(value: str | None, name: str) -> float | None:
     if not number >= 0:
         raise ProtocolError(f"{name} must be zero or more")
     return number
+
+
+def inherited_listener() -> socket.socket | None:
+    """sd_listen_fds(3): a listening socket passed as fd 3, if LISTEN_PID names us."""
+    pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS", "0")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for our children
+    if pid != str(os.getpid()) or not count.isdigit() or int(count) < 1:
+        return None
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise MpagentError("the socket passed by the service manager is not a Unix stream socket")
+    sock.set_inheritable(False)
+    return sock
 
 
 def notify(message: str) -> None:

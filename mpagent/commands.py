@@ -68,6 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", action="append", default=[], metavar="SCOPE")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
 
+    p = command("service", cmd_service, "install the agent as a systemd/launchd user service")
+    p.add_argument("action", choices=["install", "uninstall", "status"])
+    p.add_argument("--dry-run", action="store_true", help="print every file and command instead")
+
+    p = command("secret", cmd_secret, "store passwords in the OS keyring")
+    p.add_argument("action", choices=["set", "delete", "status"])
+    p.add_argument("profile", nargs="?")
+    p.add_argument("--key", action="store_true", help="the key password, not the keystore's")
+    p.add_argument("--stdin", action="store_true", help="read one line from stdin, no prompt")
+
+    p = command(
+        "doctor", cmd_doctor, "check the configuration, keys, clock and a real token request"
+    )
+    p.add_argument("--profile", "-p")
+    p.add_argument("--no-token", action="store_true", help="skip the final token request")
+
+    p = command(
+        "import-properties", cmd_import_properties, "import a jwt-grant-generator properties file"
+    )
+    p.add_argument("file")
+    p.add_argument("--profile", "-p", help="name of the new profile (default: from the file name)")
+
     command("demo", cmd_demo, "show mpagent working against the built-in emulator")
     return parser
 
@@ -191,3 +213,27 @@ def cmd_exec(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"mpagent: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
         return 127
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from mpagent import service
+
+    return service.main(args, sys.stdout)
+
+
+def cmd_secret(args: argparse.Namespace) -> int:
+    from mpagent import secretcmd
+
+    return secretcmd.main(args, sys.stdout)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from mpagent import doctor
+
+    return doctor.main(args, sys.stdout)
+
+
+def cmd_import_properties(args: argparse.Namespace) -> int:
+    from mpagent import properties
+
+    return properties.main(args, sys.stdout)
