@@ -32,6 +32,7 @@ log = logging.getLogger("mpagent")
 
 RELOAD_DEBOUNCE = 0.3
 SD_LISTEN_FDS_START = 3
+DRAIN_TIMEOUT = 10.0
 
 
 def load_sources(cfg: Config, *, strict: bool, interactive: bool = False) -> dict[str, Source]:
@@ -57,6 +58,7 @@ class Agent:
         self.env_path = cfg.agent.env_file or Path(paths.default_env_file())
         self.started = time.time()
         self.owns_socket = True
+        self.connections: set[server.Connection] = set()
         self.reload_error: MpagentError | None = None
         self.stopping = asyncio.Event()
         self.fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mpagent-fetch")
@@ -88,7 +90,7 @@ class Agent:
             )
             self.refresher.set_sources(sources, self.cfg.default_profile)
             srv = await loop.create_unix_server(
-                lambda: server.Connection(self.handle, os.getuid()), sock=sock
+                lambda: server.Connection(self.handle, os.getuid(), self.connections), sock=sock
             )
             self._install_signals(loop)
             self._watch()
@@ -101,6 +103,7 @@ class Agent:
             notify("STOPPING=1")
             log.info("stopping")
             srv.close()
+            await self._drain()
             if self.owns_socket:
                 with contextlib.suppress(FileNotFoundError):
                     self.socket_path.unlink()
@@ -115,6 +118,12 @@ class Agent:
             self.fetch_pool.shutdown(wait=False, cancel_futures=True)
             self.io.shutdown(wait=False, cancel_futures=True)
             os.close(lock)
+
+    async def _drain(self) -> None:
+        """Let requests in flight finish (a refresh they wait for is bounded by HTTP timeouts)."""
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     def _lock(self) -> int:
         """Single instance per socket: an flock held for the agent's life."""

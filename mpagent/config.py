@@ -8,13 +8,13 @@ import ipaddress
 import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from mpagent import paths
+from mpagent import envfile, paths
 from mpagent.errors import ConfigError
 
 ENVIRONMENTS = {"test": "https://test.maskinporten.no/", "prod": "https://maskinporten.no/"}
@@ -101,6 +101,11 @@ class Config:
         return self.profiles[chosen]
 
 
+def scope_string(scopes: Iterable[str]) -> str:
+    """The canonical scope set: split on spaces, de-duplicated, sorted."""
+    return " ".join(sorted({s for entry in scopes for s in entry.split()}))
+
+
 def load(path: str | os.PathLike[str] | None = None) -> Config:
     """Read and validate the whole file. Raises ConfigError; never returns half a config."""
     file = Path(path or paths.config_file()).expanduser()
@@ -130,6 +135,7 @@ def parse(raw: Mapping[str, Any], file: Path) -> Config:
         name: _profile(name, _table(profiles_raw, name, file, "[profiles]"), file)
         for name in profiles_raw
     }
+    _check_env_names(profiles, file)
     default = raw.get("default_profile")
     if default is not None and default not in profiles:
         raise ConfigError(
@@ -184,8 +190,23 @@ def _profile(name: str, t: Mapping[str, Any], file: Path) -> Profile:
         kid=get.text("kid"),
         algorithm=algorithm,
         claims=_claims(get),
-        env_names=dict(env_names),
+        env_names={scope_string([k]): v for k, v in env_names.items()},
     )
+
+
+def _check_env_names(profiles: Mapping[str, Profile], file: Path) -> None:
+    """Two different tokens must not share one env-file variable."""
+    seen: dict[str, tuple[str, str]] = {}
+    for p in profiles.values():
+        for scope in p.scopes:
+            name = envfile.variable_name(scope_string([scope]), p.env_names)
+            other = seen.setdefault(name, (p.name, scope_string([scope])))
+            if other != (p.name, scope_string([scope])):
+                raise ConfigError(
+                    f"{file}: [profiles.{p.name}] scope {scope!r} and [profiles.{other[0]}] scope "
+                    f"{other[1]!r} would both be {name} in the env file; give one another name, "
+                    f'e.g. env_names = {{ "{scope}" = "{name}_{p.name.upper()}" }}'
+                )
 
 
 def _environment(get: _Getter) -> str:

@@ -10,16 +10,12 @@ from typing import Any
 
 import jwt
 
+from mpagent.config import scope_string
 from mpagent.keys import SigningKey
 
 # Maskinporten refuses exp - iat > 120; both come from one clock reading, so it is exact.
 GRANT_LIFETIME = 120
 CLAIM_ORDER = ("aud", "iss", "iat", "exp", "jti", "scope")
-
-
-def scope_string(scopes: Iterable[str]) -> str:
-    """The canonical scope set: split on spaces, de-duplicated, sorted."""
-    return " ".join(sorted({s for entry in scopes for s in entry.split()}))
 
 
 def claims(

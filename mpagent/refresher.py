@@ -17,8 +17,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-from mpagent import grant, tokens
-from mpagent.config import Profile
+from mpagent import tokens
+from mpagent.config import Profile, scope_string
 from mpagent.errors import ConfigError, IssuerRejected, IssuerUnavailable, MpagentError
 from mpagent.exchange import Exchange
 from mpagent.issuer import Token, fingerprint
@@ -46,7 +46,7 @@ class Source:
         else:
             key_id = p.kid or self.exchange.key.kid or self.exchange.key.fingerprint
         return TokenKey(
-            p.name, p.environment, p.client_id, key_id, grant.scope_string(scopes), p.claims_json
+            p.name, p.environment, p.client_id, key_id, scope_string(scopes), p.claims_json
         )
 
 
@@ -92,6 +92,7 @@ class Entry:
         return {
             "profile": self.key.profile,
             "scope": self.key.scope,
+            "key": self.key.key_id,
             "configured": self.pinned,
             "expires_at": t.expires_at if t else None,
             "valid": bool(t and t.expires_at > now),

@@ -89,8 +89,8 @@ def peer_uid(sock: socket.socket) -> int | None:
 class Connection(asyncio.Protocol):
     """One client: one request line in, one reply line out, then close."""
 
-    def __init__(self, handler: Handler, uid: int) -> None:
-        self.handler, self.uid = handler, uid
+    def __init__(self, handler: Handler, uid: int, live: set[Connection]) -> None:
+        self.handler, self.uid, self.live = handler, uid, live
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -99,6 +99,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.live.add(self)
         uid = peer_uid(transport.get_extra_info("socket"))
         if uid != self.uid:
             log.warning("refused a connection from uid %s", uid)
@@ -127,6 +128,7 @@ class Connection(asyncio.Protocol):
         return True  # keep our write side open until the reply is sent
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.live.discard(self)
         if self.timer is not None:
             self.timer.cancel()
         if self.task is not None:

@@ -85,7 +85,10 @@ def test_refresh_ahead_without_clients(agent: AgentProcess, short_emulator: Emul
     assert after["expires_at"] - time.time() > LIFETIME * 0.3  # replaced well before expiry
     assert stat.S_IMODE(env_file().stat().st_mode) == 0o600
     lines = dict(line.split("=", 1) for line in env_file().read_text().splitlines()[1:])
-    assert set(lines) == {"MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ", "MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ_EXPIRES_AT"}
+    assert set(lines) == {
+        "MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ",
+        "MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ_EXPIRES_AT",
+    }
 
 
 def test_single_flight(agent: AgentProcess, short_emulator: Emulator) -> None:
@@ -95,7 +98,9 @@ def test_single_flight(agent: AgentProcess, short_emulator: Emulator) -> None:
     results: list[str] = []
 
     def one() -> None:
-        results.append(dict(client.call(paths.socket_path(), "get", [("scope", SCOPES[2])]))["token"])
+        results.append(
+            dict(client.call(paths.socket_path(), "get", [("scope", SCOPES[2])]))["token"]
+        )
 
     threads = [threading.Thread(target=one) for _ in range(100)]
     for t in threads:
@@ -104,7 +109,7 @@ def test_single_flight(agent: AgentProcess, short_emulator: Emulator) -> None:
         t.join()
     assert len(results) == 100 and len(set(results)) == 1
     # Only the new key's one request (a configured-key refresh may also have happened).
-    new_key = [t for t in status()["tokens"] if t["scope"] == SCOPES[2]][0]
+    new_key = next(t for t in status()["tokens"] if t["scope"] == SCOPES[2])
     assert new_key["issuer_requests"] == 1
     assert short_emulator.token_requests - before <= 2
 
@@ -140,7 +145,9 @@ def test_reload_on_config_change_and_bad_config(agent: AgentProcess, config: Pat
     """Editing the config reloads it; a broken config is refused, shown in status, and the
     old one keeps serving."""
     original = config.read_text()
-    config.write_text(original.replace(f'scopes = ["{SCOPES[0]}"]', f'scopes = ["{SCOPES[0]}", "{SCOPES[1]}"]'))
+    config.write_text(
+        original.replace(f'scopes = ["{SCOPES[0]}"]', f'scopes = ["{SCOPES[0]}", "{SCOPES[1]}"]')
+    )
     wait_for(lambda: any(t["scope"] == SCOPES[1] and t["configured"] for t in status()["tokens"]))
     config.write_text(original.replace("client_id", "clientid"))
     wait_for(lambda: status()["reload_error"])
@@ -172,7 +179,9 @@ def test_second_agent_refused(agent: AgentProcess, config: Path) -> None:
     assert run_cli("get", SCOPES[0]).returncode == 0
 
 
-def test_stale_socket_is_replaced(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stale_socket_is_replaced(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A socket file left by a dead agent is probed and replaced."""
     path = Path(paths.socket_path())
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -234,7 +243,9 @@ def test_peer_of_another_uid_is_refused(agent: AgentProcess) -> None:
         "except OSError as e:\n"
         "    print('refused', e.errno)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.startswith("refused") or out.strip() == "b''", out
 
 
@@ -245,7 +256,9 @@ def test_env_and_exec(agent: AgentProcess, config: Path) -> None:
     env = run_cli("--config", str(config), "env")
     assert f"export MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ={token}" in env.stdout.splitlines()
     script = 'test "$MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ" = "$EXPECTED" && exit 7'
-    result = run_cli("--config", str(config), "exec", "--", "sh", "-c", script, env={"EXPECTED": token})
+    result = run_cli(
+        "--config", str(config), "exec", "--", "sh", "-c", script, env={"EXPECTED": token}
+    )
     assert result.returncode == 7
 
 
@@ -253,7 +266,9 @@ def test_status_human_and_json(agent: AgentProcess) -> None:
     """status shows pid, socket, env file and each key's expiry and refresh count."""
     wait_for(lambda: status()["tokens"][0]["refreshes"] >= 1)
     human = run_cli("status")
-    assert human.returncode == 0 and "idporten:dcr.read" in human.stdout and "socket" in human.stdout
+    assert (
+        human.returncode == 0 and "idporten:dcr.read" in human.stdout and "socket" in human.stdout
+    )
     document = json.loads(run_cli("status", "--json").stdout)
     assert document["pid"] == agent.proc.pid and document["tokens"][0]["valid"]
 
@@ -264,7 +279,20 @@ def test_hot_path_imports_nothing_heavy(agent: AgentProcess) -> None:
     result = run_cli("get", SCOPES[0], env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert result.returncode == 0
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
-    heavy = {"requests", "cryptography", "jwt", "jks", "keyring", "watchdog", "asyncio", "argparse", "json", "typing", "platformdirs", "socket"}
+    heavy = {
+        "requests",
+        "cryptography",
+        "jwt",
+        "jks",
+        "keyring",
+        "watchdog",
+        "asyncio",
+        "argparse",
+        "json",
+        "typing",
+        "platformdirs",
+        "socket",
+    }
     assert imported and not (imported & heavy), imported & heavy
 
 
@@ -292,12 +320,19 @@ def test_autostart_after_kill_9(config: Path, monkeypatch: pytest.MonkeyPatch) -
     wait_for(lambda: not _alive(new_pid))
 
 
-def test_twenty_simultaneous_gets_start_one_agent(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_twenty_simultaneous_gets_start_one_agent(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Twenty simultaneous `get`s with no agent running start exactly one agent; all succeed."""
     monkeypatch.setenv("MPAGENT_KEYSTORE_PASSWORD", PASSWORD)
     monkeypatch.setenv("MPAGENT_CONFIG", str(config))
     procs = [
-        subprocess.Popen([sys.executable, "-m", "mpagent", "get", SCOPES[0]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "mpagent", "get", SCOPES[0]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(20)
     ]
     outputs = [p.communicate(timeout=60) for p in procs]
@@ -333,3 +368,62 @@ def test_header_for_curl(agent: AgentProcess) -> None:
     """`header` prints one Authorization line with the same token `get` gives."""
     token = run_cli("get", SCOPES[0]).stdout.strip()
     assert run_cli("header", SCOPES[0]).stdout == f"Authorization: Bearer {token}\n"
+
+
+def test_keystore_change_drops_tokens_of_the_old_key(
+    agent: AgentProcess, p12: Path, ca: pki.Issued
+) -> None:
+    """Replacing the keystore file reloads; tokens signed for the old key are dropped."""
+    from .keystores import write_pkcs12
+
+    old_key = wait_for(lambda: status()["tokens"] and status()["tokens"][0]["key"])
+    old_token = run_cli("get", SCOPES[0]).stdout
+    new = p12.with_name("new.p12")
+    write_pkcs12(new, {"auth": pki.make_leaf(ca)}, PASSWORD, [ca.cert])
+    os.replace(new, p12)  # what editors and cert tools do
+    wait_for(lambda: status()["tokens"][0]["key"] not in (old_key, None))
+    assert "its configuration changed" in agent.log()
+    assert run_cli("get", SCOPES[0]).stdout != old_token
+
+
+def test_idle_on_demand_keys_are_dropped(
+    tmp_path: Path, home: Path, short_emulator: Emulator, p12: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An on-demand scope set unused for idle_timeout is dropped; configured ones stay."""
+    config = write_config(
+        tmp_path / "config.toml",
+        {"dev": profile_for(short_emulator, p12)},
+        agent={"idle_timeout": 1},
+    )
+    monkeypatch.setenv("MPAGENT_KEYSTORE_PASSWORD", PASSWORD)
+    proc = AgentProcess(config, tmp_path / "agent.log").wait_ready()
+    try:
+        assert run_cli("get", SCOPES[2]).returncode == 0
+        assert {t["scope"] for t in status()["tokens"]} == {SCOPES[0], SCOPES[2]}
+        wait_for(lambda: {t["scope"] for t in status()["tokens"]} == {SCOPES[0]}, timeout=10)
+        assert "dropping idle on-demand token key" in proc.log()
+    finally:
+        proc.stop()
+
+
+def test_sigterm_lets_in_flight_requests_finish(
+    agent: AgentProcess, short_emulator: Emulator
+) -> None:
+    """A request waiting on a refresh when SIGTERM arrives still gets its answer."""
+    short_emulator.hang_seconds = 1.0
+    short_emulator.inject("hang")
+    reply: list[object] = []
+
+    def ask() -> None:
+        try:
+            reply.append(client.call(paths.socket_path(), "get", [("scope", SCOPES[1])]))
+        except Exception as exc:  # the answer may be an error; it must be an answer
+            reply.append(exc)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    wait_for(lambda: short_emulator.token_requests >= 2)  # the configured one, then ours
+    agent.signal(signal.SIGTERM)
+    thread.join(15)
+    assert agent.proc.wait(15) == 0
+    assert reply and not isinstance(reply[0], client.AgentNotRunning), reply

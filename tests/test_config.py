@@ -85,7 +85,7 @@ def test_authorization_details_pass_through(tmp_path: Path) -> None:
 def test_profile_choice_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--profile beats MPAGENT_PROFILE beats default_profile."""
     monkeypatch.delenv("MPAGENT_PROFILE", raising=False)
-    cfg = load(tmp_path, {"a": BASE, "b": BASE, "c": BASE}, default_profile="a")
+    cfg = load(tmp_path, {n: {**BASE, "scopes": [n]} for n in "abc"}, default_profile="a")
     assert cfg.profile().name == "a"
     monkeypatch.setenv("MPAGENT_PROFILE", "b")
     assert cfg.profile().name == "b"
@@ -95,7 +95,7 @@ def test_profile_choice_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def test_several_profiles_and_no_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With several profiles and no choice, the message lists them and the three ways to choose."""
     monkeypatch.delenv("MPAGENT_PROFILE", raising=False)
-    cfg = load(tmp_path, {"a": BASE, "b": BASE})
+    cfg = load(tmp_path, {n: {**BASE, "scopes": [n]} for n in "ab"})
     with pytest.raises(ConfigError, match=r"several profiles \(a, b\).*--profile.*MPAGENT_PROFILE"):
         cfg.profile()
     with pytest.raises(ConfigError, match="no profile 'x' \\(profiles: a, b\\)"):
@@ -174,3 +174,22 @@ def test_loopback_http_allowed(tmp_path: Path) -> None:
     """Plain http is accepted for loopback issuers (the emulator) only."""
     for url in ("http://127.0.0.1:8080/", "http://localhost:1/", "http://[::1]:9/"):
         assert load(tmp_path, {"p": {**BASE, "environment": url}}).profile().environment == url
+
+
+def test_env_name_collision_between_profiles(tmp_path: Path) -> None:
+    """The same scope in two profiles would share one env variable: refused with a fix."""
+    message = error(tmp_path, {"a": BASE, "b": BASE})
+    assert "would both be MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ" in message
+    assert (
+        'env_names = { "idporten:dcr.read" = "MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ_B" }' in message
+    )
+    renamed = {**BASE, "env_names": {"idporten:dcr.read": "B_TOKEN"}}
+    assert load(tmp_path, {"a": BASE, "b": renamed}).profiles["b"].env_names == {
+        "idporten:dcr.read": "B_TOKEN"
+    }
+
+
+def test_env_names_keys_are_canonical(tmp_path: Path) -> None:
+    """env_names keys name the scope set in any order; they are stored sorted."""
+    profile = {**BASE, "scopes": ["b a"], "env_names": {"b a": "AB"}}
+    assert load(tmp_path, {"p": profile}).profile().env_names == {"a b": "AB"}

@@ -10,6 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from mpagent import grant, pki
+from mpagent.config import scope_string
 from mpagent.keys import SigningKey
 
 
@@ -32,7 +33,7 @@ def test_claims_from_one_clock_reading() -> None:
 
 def test_scope_set_is_canonical() -> None:
     """Scopes are split on spaces, de-duplicated and sorted, so one set is one token."""
-    assert grant.scope_string(["b a", "a", "c"]) == "a b c"
+    assert scope_string(["b a", "a", "c"]) == "a b c"
 
 
 def test_optional_claims_are_added() -> None:
