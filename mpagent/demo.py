@@ -89,19 +89,27 @@ def _run(work: Path, out: TextIO) -> int:
         took = (time.perf_counter() - started) * 1000
         out.write(f"{short(again.stdout.strip())}   (from the agent's cache, {took:.0f} ms)\n")
         out.write(mpagent("status").stdout)
-        out.write(f"\n… waiting for the agent to refresh ahead of expiry (about {LIFETIME // 2} s)\n")
+        out.write(
+            f"\n… waiting for the agent to refresh ahead of expiry (about {LIFETIME // 2} s)\n"
+        )
         deadline = time.monotonic() + LIFETIME
-        while time.monotonic() < deadline and env_file.exists() and first.stdout.strip() in env_file.read_text():
+        while (
+            time.monotonic() < deadline
+            and env_file.exists()
+            and first.stdout.strip() in env_file.read_text()
+        ):
             time.sleep(0.2)
         out.write(f"\n$ cat {env_file}\n")
         for line in env_file.read_text().splitlines():
             name, _, value = line.partition("=")
             out.write(f"{name}={short(value)}\n" if value else line + "\n")
         refreshed = emu.token_requests > 1
-        out.write(f"(refreshed: {refreshed}; the emulator has issued {emu.token_requests} tokens)\n")
+        out.write(
+            f"(refreshed: {refreshed}; the emulator has issued {emu.token_requests} tokens)\n"
+        )
         mpagent("stop")
         out.write(
-            "\nThe emulator enforces Maskinporten's grant rules. Point `environment` at \"test\" or\n"
+            '\nThe emulator enforces Maskinporten\'s grant rules. Point `environment` at "test" or\n'
             '"prod" and `keystore` at your business certificate to do the same for real.\n'
         )
         return 0 if refreshed else 1

@@ -27,7 +27,9 @@ def status(doc: dict[str, Any], now: float | None = None) -> str:
         if error:
             lines.append(f"profile {name} unusable: {error}")
     lines.append("")
-    lines.append(f"{'PROFILE':<12} {'SCOPE':<32} {'EXPIRES':<12} {'REFRESH':<12} {'REFRESHES':>9} ERROR")
+    lines.append(
+        f"{'PROFILE':<12} {'SCOPE':<32} {'EXPIRES':<12} {'REFRESH':<12} {'REFRESHES':>9} ERROR"
+    )
     for t in doc.get("tokens", []):
         error = t.get("last_error") or {}
         lines.append(
