@@ -92,6 +92,7 @@ class Agent:
             srv = await loop.create_unix_server(
                 lambda: server.Connection(self.handle, os.getuid(), self.connections), sock=sock
             )
+            bridge_server = await self._start_bridge()
             self._install_signals(loop)
             self._watch()
             scheduler = loop.create_task(self.refresher.run())
@@ -103,6 +104,8 @@ class Agent:
             notify("STOPPING=1")
             log.info("stopping")
             srv.close()
+            if bridge_server is not None:
+                bridge_server.close()
             await self._drain()
             if self.owns_socket:
                 with contextlib.suppress(FileNotFoundError):
@@ -124,6 +127,14 @@ class Agent:
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+
+    async def _start_bridge(self) -> asyncio.AbstractServer | None:
+        """The opt-in loopback token endpoint for HTTP tools; its settings apply at start."""
+        if self.cfg.bridge.listen is None:
+            return None
+        from mpagent import bridge
+
+        return await bridge.start(self.cfg.bridge, self.refresher, self.io)
 
     def _lock(self) -> int:
         """Single instance per socket: an flock held for the agent's life."""

@@ -36,7 +36,8 @@ PROFILE_KEYS = (
 )
 AGENT_KEYS = ("env_file", "idle_timeout", "log_level")
 HTTP_KEYS = ("connect_timeout", "read_timeout")
-TOP_KEYS = ("default_profile", "profiles", "agent", "http")
+BRIDGE_KEYS = ("listen", "secret_file")
+TOP_KEYS = ("default_profile", "profiles", "agent", "http", "bridge")
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,21 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class BridgeSettings:
+    """The opt-in loopback OAuth2 token endpoint for HTTP tools (Postman, httpyac, ...)."""
+
+    listen: tuple[str, int] | None = None  # (loopback host, port); None: off
+    secret_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     profiles: Mapping[str, Profile]
     default_profile: str | None = None
     agent: AgentSettings = AgentSettings()
     http: HttpSettings = HttpSettings()
+    bridge: BridgeSettings = BridgeSettings()
 
     def profile(self, name: str | None = None) -> Profile:
         """--profile, else MPAGENT_PROFILE, else default_profile, else the only profile."""
@@ -148,6 +158,7 @@ def parse(raw: Mapping[str, Any], file: Path) -> Config:
         default_profile=default,
         agent=_agent(_table(raw, "agent", file, "the top level"), file),
         http=_http(_table(raw, "http", file, "the top level"), file),
+        bridge=_bridge(_table(raw, "bridge", file, "the top level"), file),
     )
 
 
@@ -284,6 +295,21 @@ def _http(t: Mapping[str, Any], file: Path) -> HttpSettings:
     _check_keys(t, HTTP_KEYS, file, "[http]")
     get = _Getter(t, file, "[http]")
     return HttpSettings(get.number("connect_timeout", 5.0), get.number("read_timeout", 10.0))
+
+
+def _bridge(t: Mapping[str, Any], file: Path) -> BridgeSettings:
+    _check_keys(t, BRIDGE_KEYS, file, "[bridge]")
+    get = _Getter(t, file, "[bridge]")
+    listen = get.text("listen")
+    if listen is None:
+        return BridgeSettings(secret_file=get.path("secret_file"))
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise get.error("listen", f"is {listen!r}", 'write "127.0.0.1:PORT", e.g. listen = "127.0.0.1:8765"')
+    if not _is_loopback(host):
+        raise get.error("listen", f"binds {host!r}, which is not loopback", "the bridge hands out tokens; bind it to 127.0.0.1 or [::1] only")
+    return BridgeSettings(listen=(host, int(port)), secret_file=get.path("secret_file"))
 
 
 class _Getter:

@@ -193,3 +193,13 @@ def test_env_names_keys_are_canonical(tmp_path: Path) -> None:
     """env_names keys name the scope set in any order; they are stored sorted."""
     profile = {**BASE, "scopes": ["b a"], "env_names": {"b a": "AB"}}
     assert load(tmp_path, {"p": profile}).profile().env_names == {"a b": "AB"}
+
+
+def test_bridge_settings(tmp_path: Path) -> None:
+    """[bridge] listen takes a loopback host:port; anything else is refused with the fix."""
+    cfg = load(tmp_path, {"p": BASE}, bridge={"listen": "127.0.0.1:8765"})
+    assert cfg.bridge.listen == ("127.0.0.1", 8765)
+    assert load(tmp_path, {"p": BASE}, bridge={"listen": "[::1]:9"}).bridge.listen == ("::1", 9)
+    assert load(tmp_path, {"p": BASE}).bridge.listen is None
+    assert "not loopback" in error(tmp_path, {"p": BASE}, bridge={"listen": "0.0.0.0:8765"})
+    assert "write \"127.0.0.1:PORT\"" in error(tmp_path, {"p": BASE}, bridge={"listen": "8765"})
