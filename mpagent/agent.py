@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import signal
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +25,7 @@ from mpagent.config import Config
 from mpagent.errors import AlreadyRunning, MpagentError, ProtocolError
 from mpagent.exchange import open_exchange
 from mpagent.passwords import ProfilePasswords
-from mpagent.private import ensure_private_dir
+from mpagent.private import ensure_private_dir, try_lock
 from mpagent.refresher import Refresher, Source
 
 log = logging.getLogger("mpagent")
@@ -58,7 +58,6 @@ class Agent:
         self.env_path = cfg.agent.env_file or Path(paths.default_env_file())
         self.started = time.time()
         self.owns_socket = True
-        self.connections: set[server.Connection] = set()
         self.reload_error: MpagentError | None = None
         self.stopping = asyncio.Event()
         self.fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mpagent-fetch")
@@ -78,20 +77,12 @@ class Agent:
         loop = asyncio.get_running_loop()
         lock = self._lock()
         try:
-            sock = inherited_listener()
-            if sock is None:
-                sock = server.bind_private(self.socket_path)
-            else:
-                self.owns_socket = False  # the service manager made it and keeps it
-                self.socket_path = Path(sock.getsockname())
-                log.info("using the socket passed by the service manager")
+            listener = self._open_listener()
             sources = await loop.run_in_executor(
                 self.io, lambda: load_sources(self.cfg, strict=False, interactive=os.isatty(0))
             )
             self.refresher.set_sources(sources, self.cfg.default_profile)
-            srv = await loop.create_unix_server(
-                lambda: server.Connection(self.handle, os.getuid(), self.connections), sock=sock
-            )
+            await listener.start(self.handle)
             bridge_server = await self._start_bridge()
             self._install_signals(loop)
             self._watch()
@@ -103,10 +94,10 @@ class Agent:
             await self.stopping.wait()
             notify("STOPPING=1")
             log.info("stopping")
-            srv.close()
+            listener.close()
             if bridge_server is not None:
                 bridge_server.close()
-            await self._drain()
+            await self._drain(listener)
             if self.owns_socket:
                 with contextlib.suppress(FileNotFoundError):
                     self.socket_path.unlink()
@@ -122,10 +113,24 @@ class Agent:
             self.io.shutdown(wait=False, cancel_futures=True)
             os.close(lock)
 
-    async def _drain(self) -> None:
+    def _open_listener(self) -> server.Listener:
+        if sys.platform == "win32":
+            from mpagent import winpipe
+
+            self.owns_socket = False  # a pipe leaves no file behind
+            return winpipe.PipeListener(str(self.socket_path))
+        sock = inherited_listener()
+        if sock is None:
+            return server.UnixListener(server.bind_private(self.socket_path))
+        self.owns_socket = False  # the service manager made it and keeps it
+        self.socket_path = Path(sock.getsockname())
+        log.info("using the socket passed by the service manager")
+        return server.UnixListener(sock)
+
+    async def _drain(self, listener: server.Listener) -> None:
         """Let requests in flight finish (a refresh they wait for is bounded by HTTP timeouts)."""
         deadline = time.monotonic() + DRAIN_TIMEOUT
-        while self.connections and time.monotonic() < deadline:
+        while listener.busy() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
     async def _start_bridge(self) -> asyncio.AbstractServer | None:
@@ -137,19 +142,21 @@ class Agent:
         return await bridge.start(self.cfg.bridge, self.refresher, self.io)
 
     def _lock(self) -> int:
-        """Single instance per socket: an flock held for the agent's life."""
-        ensure_private_dir(self.socket_path.parent)
-        fd = os.open(paths.lock_file(), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        """Single instance per socket: a lock held for the agent's life."""
+        lock_path = Path(paths.lock_file())
+        ensure_private_dir(lock_path.parent)
+        fd = try_lock(lock_path)
+        if fd is None:
             raise AlreadyRunning(
                 f"an agent is already running on {self.socket_path}; stop it with `mpagent stop`"
             ) from None
         return fd
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        if sys.platform == "win32":  # no add_signal_handler, no SIGHUP: reload via the pipe
+            for sig in (signal.SIGINT, signal.SIGBREAK):
+                signal.signal(sig, lambda *_: loop.call_soon_threadsafe(self.stopping.set))
+            return
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)

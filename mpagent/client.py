@@ -3,44 +3,67 @@
 `mpagent get` together."""
 
 import _socket
+import sys
 
 from mpagent import protocol
 from mpagent.errors import AgentNotRunning, MpagentError, ProtocolError
 
 Reply = protocol.Fields
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class Channel(Protocol):
+        """What both transports give the client: a Unix socket or a Windows pipe."""
+
+        def sendall(self, data: bytes, /) -> None: ...
+        def recv(self, size: int, /) -> bytes: ...
+        def close(self) -> None: ...
+
+
+def connect(address: str, timeout: float) -> "Channel":
+    """A connected channel to the agent: a Unix socket, or a named pipe on Windows."""
+    if sys.platform == "win32":
+        from mpagent import winpipe
+
+        return winpipe.connect(address, timeout)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address)
+    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
+        sock.close()
+        raise AgentNotRunning(
+            f"no agent is listening on {address}; start one with `mpagent agent`"
+        ) from exc
+    except OSError as exc:
+        sock.close()
+        raise AgentNotRunning(
+            f"cannot connect to the agent at {address}: {exc.strerror or exc}"
+        ) from exc
+    return sock
+
 
 def call(
-    path: str, verb: str, fields: protocol.Fields | None = None, timeout: float = 30.0
+    address: str, verb: str, fields: protocol.Fields | None = None, timeout: float = 30.0
 ) -> Reply:
     """Send one request and return the fields of an `ok` reply; an `error` reply is raised
     as the same MpagentError class the agent raised."""
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    channel = connect(address, timeout)
     try:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
-            raise AgentNotRunning(
-                f"no agent is listening on {path}; start one with `mpagent agent`"
-            ) from exc
-        except OSError as exc:
-            raise AgentNotRunning(
-                f"cannot connect to the agent at {path}: {exc.strerror or exc}"
-            ) from exc
-        try:
-            sock.sendall(protocol.encode([protocol.VERSION, verb], fields or []))
-            line = _read_line(sock)
-        except TimeoutError:
-            raise AgentNotRunning(
-                f"the agent at {path} did not answer within {timeout:g} s"
-            ) from None
-        except OSError as exc:
-            raise AgentNotRunning(
-                f"the agent at {path} closed the connection: {exc.strerror or exc}"
-            ) from None
+        channel.sendall(protocol.encode([protocol.VERSION, verb], fields or []))
+        line = _read_line(channel)
+    except TimeoutError:
+        raise AgentNotRunning(
+            f"the agent at {address} did not answer within {timeout:g} s"
+        ) from None
+    except OSError as exc:
+        raise AgentNotRunning(
+            f"the agent at {address} closed the connection: {exc.strerror or exc}"
+        ) from None
     finally:
-        sock.close()
+        channel.close()
     try:
         words, reply = protocol.decode(line)
     except protocol.MessageError as exc:
@@ -56,7 +79,7 @@ def call(
     )
 
 
-def _read_line(sock: _socket.socket) -> bytes:
+def _read_line(sock: "Channel") -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:

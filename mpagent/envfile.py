@@ -39,7 +39,8 @@ def write_atomic(path: Path, content: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
-        os.fchmod(fd, 0o600)  # O_CREAT's mode is filtered by the umask; fchmod is not.
+        if hasattr(os, "fchmod"):  # not on Windows, where the profile directory's ACL rules
+            os.fchmod(fd, 0o600)  # O_CREAT's mode is filtered by the umask; fchmod is not.
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             fd = -1
             f.write(content)

@@ -37,7 +37,13 @@ def runtime_dir() -> str:
 
 
 def socket_path() -> str:
-    return os.environ.get("MPAGENT_SOCKET") or os.path.join(runtime_dir(), "agent.sock")
+    """The agent's address: a Unix socket, or on Windows a named pipe."""
+    explicit = os.environ.get("MPAGENT_SOCKET")
+    if explicit:
+        return explicit
+    if sys.platform == "win32":
+        return r"\\.\pipe\mpagent-" + os.environ.get("USERNAME", "user").lower()
+    return os.path.join(runtime_dir(), "agent.sock")
 
 
 def default_env_file() -> str:
@@ -45,5 +51,17 @@ def default_env_file() -> str:
 
 
 def lock_file() -> str:
-    """The single-instance lock sits beside the socket it guards."""
-    return socket_path() + ".lock"
+    """The single-instance lock: beside the socket it guards (pipes live in no directory)."""
+    return _beside_socket(".lock")
+
+
+def start_lock_file() -> str:
+    """Held by a client while it starts an agent, so that only one starts it."""
+    return _beside_socket(".start")
+
+
+def _beside_socket(suffix: str) -> str:
+    address = socket_path()
+    if sys.platform == "win32":
+        return os.path.join(runtime_dir(), address.rsplit("\\", 1)[-1] + suffix)
+    return address + suffix

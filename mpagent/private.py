@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from pathlib import Path
 
 from mpagent.errors import ConfigError
@@ -12,8 +13,12 @@ from mpagent.errors import ConfigError
 
 def ensure_private_dir(path: Path) -> None:
     """Create `path` 0700 (at mkdir time, never chmod afterwards), or accept an existing
-    one only if it is ours and closed to others."""
+    one only if it is ours and closed to others. On Windows the per-user profile
+    directories are already closed to other users by their ACLs."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if sys.platform == "win32":
+        path.mkdir(exist_ok=True)
+        return
     try:
         path.mkdir(mode=0o700)
     except FileExistsError:
@@ -35,6 +40,25 @@ def ensure_private_dir(path: Path) -> None:
 def open_private(path: Path, flags: int = os.O_WRONLY | os.O_CREAT | os.O_APPEND) -> int:
     """Open (creating 0600) a file for the owner only; refuses a symlink planted there."""
     fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    if os.fstat(fd).st_mode & 0o077:
+    if os.fstat(fd).st_mode & 0o077 and hasattr(os, "fchmod"):
         os.fchmod(fd, 0o600)
+    return fd
+
+
+def try_lock(path: Path) -> int | None:
+    """An exclusive lock on `path` (created 0600), held until the fd is closed; None if
+    another process holds it."""
+    fd = open_private(path, os.O_RDWR | os.O_CREAT)
+    try:
+        if sys.platform == "win32":
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
     return fd

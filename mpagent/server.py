@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 import sys
+import typing
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -86,6 +87,78 @@ def peer_uid(sock: socket.socket) -> int | None:
     return None
 
 
+def answer(handler: Handler, line: bytes) -> bytes | Awaitable[bytes]:
+    """One request line to its reply line, or to an awaitable of it when the answer has to
+    wait (a refresh). Shared by every transport; never raises."""
+    try:
+        words, fields = protocol.decode(line)
+        if words[:1] != [protocol.VERSION]:
+            raise ProtocolError(
+                f"unsupported protocol {words[:1]}; this agent speaks {protocol.VERSION}"
+            )
+        reply = handler(words[1:], fields)
+    except protocol.MessageError as exc:
+        return error_reply(ProtocolError(f"malformed request: {exc}"))
+    except MpagentError as exc:
+        return error_reply(exc)
+    return reply if isinstance(reply, bytes) else _settle(reply)
+
+
+async def _settle(reply: Awaitable[bytes]) -> bytes:
+    try:
+        return await reply
+    except MpagentError as exc:
+        return error_reply(exc)
+    except Exception as exc:  # request boundary: one bad request must not hurt others
+        log.exception("internal error while answering a request")
+        return error_reply(
+            MpagentError(f"internal error in the agent: {type(exc).__name__}; see its log")
+        )
+
+
+def error_reply(exc: MpagentError) -> bytes:
+    return protocol.encode(
+        ["error"], [(k, str(v)) for k, v in exc.to_wire().items() if v is not None]
+    )
+
+
+class Listener(typing.Protocol):
+    """Where the agent accepts clients: a Unix socket, or a named pipe on Windows."""
+
+    address: str
+
+    async def start(self, handler: Handler) -> None: ...
+
+    def close(self) -> None: ...
+
+    def busy(self) -> bool:
+        """Whether a request is still being answered."""
+        ...
+
+
+class UnixListener:
+    """A listening Unix socket, bound privately here or passed in by the service manager."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.address = sock.getsockname()
+        self.live: set[Connection] = set()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, handler: Handler) -> None:
+        uid = os.getuid()
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            lambda: Connection(handler, uid, self.live), sock=self.sock
+        )
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def busy(self) -> bool:
+        return bool(self.live)
+
+
 class Connection(asyncio.Protocol):
     """One client: one request line in, one reply line out, then close."""
 
@@ -138,38 +211,17 @@ class Connection(asyncio.Protocol):
         self._error(ProtocolError(f"no complete request within {READ_TIMEOUT:g} s"))
 
     def _dispatch(self, line: bytes) -> None:
-        try:
-            words, fields = protocol.decode(line)
-            if words[:1] != [protocol.VERSION]:
-                raise ProtocolError(
-                    f"unsupported protocol {words[:1]}; this agent speaks {protocol.VERSION}"
-                )
-            reply = self.handler(words[1:], fields)
-        except protocol.MessageError as exc:
-            self._error(ProtocolError(f"malformed request: {exc}"))
-            return
-        except MpagentError as exc:
-            self._error(exc)
-            return
+        reply = answer(self.handler, line)
         if isinstance(reply, bytes):
             self._send(reply)
         else:
-            self.task = asyncio.ensure_future(self._await(reply))
+            self.task = asyncio.ensure_future(self._send_later(reply))
 
-    async def _await(self, reply: Awaitable[bytes]) -> None:
-        try:
-            self._send(await reply)
-        except MpagentError as exc:
-            self._error(exc)
-        except Exception as exc:  # connection boundary: one bad request must not hurt others
-            log.exception("internal error while answering a request")
-            self._error(
-                MpagentError(f"internal error in the agent: {type(exc).__name__}; see its log")
-            )
+    async def _send_later(self, reply: Awaitable[bytes]) -> None:
+        self._send(await reply)
 
     def _error(self, exc: MpagentError) -> None:
-        fields = [(k, str(v)) for k, v in exc.to_wire().items() if v is not None]
-        self._send(protocol.encode(["error"], fields))
+        self._send(error_reply(exc))
 
     def _send(self, reply: bytes) -> None:
         if self.timer is not None:
