@@ -27,8 +27,9 @@ from mpagent.tokens import TokenKey
 log = logging.getLogger(__name__)
 
 MAX_SLEEP = 5.0
-# How long a `get` may wait for a backoff to end before it fails with the last error.
-GET_BACKOFF_WAIT = 10.0
+# How long a `get` may wait out transient failures (backoff and retries) before it fails
+# with the last error. Clients wait 30 s for an answer; HTTP timeouts bound each attempt.
+GET_WAIT = 10.0
 
 
 @dataclass
@@ -170,6 +171,7 @@ class Refresher:
         """A token with at least min_ttl left: from the cache, else from the single
         in-flight refresh, else the last error."""
         entry = self._entry(profile, scopes)
+        give_up_at = self.clock() + GET_WAIT
         while True:
             now = self.clock()
             if tokens.usable(entry.token, now, min_ttl):
@@ -178,10 +180,10 @@ class Refresher:
             if entry.source.exchange is None:
                 raise entry.error or ConfigError(f"profile {entry.key.profile} is not usable")
             if entry.inflight is None:
-                if entry.retry_at is not None and entry.retry_at > now:
-                    if entry.retry_at - now > GET_BACKOFF_WAIT:
-                        raise entry.error or IssuerUnavailable("waiting to retry")
-                    await asyncio.sleep(entry.retry_at - now)
+                retry_at = entry.retry_at or now
+                if retry_at > now:
+                    self._give_up_unless_transient(entry, retry_at, give_up_at)
+                    await asyncio.sleep(retry_at - now)
                     continue
                 self._start(entry)
             assert entry.inflight is not None
@@ -189,12 +191,21 @@ class Refresher:
             if tokens.usable(entry.token, self.clock(), min_ttl):
                 continue
             if entry.error is not None:
-                raise entry.error
+                self._give_up_unless_transient(entry, entry.retry_at or 0.0, give_up_at)
+                continue
             if entry.token is not None:
                 raise MpagentError(
                     f"the issuer's tokens live {entry.token.lifetime:.0f} s, less than the "
                     f"{min_ttl:g} s asked for with --min-ttl; ask for less"
                 )
+
+    @staticmethod
+    def _give_up_unless_transient(entry: Entry, retry_at: float, give_up_at: float) -> None:
+        """A `get` waits out a short backoff after a transient failure; a rejection, a
+        configuration error or a retry beyond its patience fails it with the last error."""
+        transient = isinstance(entry.error, IssuerUnavailable)
+        if entry.error is not None and (not transient or retry_at > give_up_at):
+            raise entry.error
 
     def _entry(self, profile: str | None, scopes: list[str]) -> Entry:
         source = self.source(profile)
