@@ -57,7 +57,6 @@ class Agent:
         self.socket_path = Path(paths.socket_path())
         self.env_path = cfg.agent.env_file or Path(paths.default_env_file())
         self.started = time.time()
-        self.owns_socket = True
         self.reload_error: MpagentError | None = None
         self.stopping = asyncio.Event()
         self.fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mpagent-fetch")
@@ -98,9 +97,6 @@ class Agent:
             if bridge_server is not None:
                 bridge_server.close()
             await self._drain(listener)
-            if self.owns_socket:
-                with contextlib.suppress(FileNotFoundError):
-                    self.socket_path.unlink()
             scheduler.cancel()
             await self._finish_env()
             with contextlib.suppress(FileNotFoundError):
@@ -117,15 +113,13 @@ class Agent:
         if sys.platform == "win32":
             from mpagent import winpipe
 
-            self.owns_socket = False  # a pipe leaves no file behind
             return winpipe.PipeListener(str(self.socket_path))
         sock = inherited_listener()
         if sock is None:
-            return server.UnixListener(server.bind_private(self.socket_path))
-        self.owns_socket = False  # the service manager made it and keeps it
+            return server.UnixListener(server.bind_private(self.socket_path), owned=True)
         self.socket_path = Path(sock.getsockname())
         log.info("using the socket passed by the service manager")
-        return server.UnixListener(sock)
+        return server.UnixListener(sock, owned=False)  # the service manager keeps it
 
     async def _drain(self, listener: server.Listener) -> None:
         """Let requests in flight finish (a refresh they wait for is bounded by HTTP timeouts)."""
@@ -324,6 +318,19 @@ def _float(value: str | None, name: str) -> float | None:
     return number
 
 
+PLAIN = logging.Formatter("%(asctime)s mpagent[%(process)d] %(levelname)s %(message)s")
+
+
+class JournalFormatter(logging.Formatter):
+    """Under systemd: journald adds time and pid itself; a <N> prefix gives the priority,
+    so `journalctl -p err` finds errors."""
+
+    PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
+
+
 def inherited_listener() -> socket.socket | None:
     """sd_listen_fds(3): a listening socket passed as fd 3, if LISTEN_PID names us."""
     pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS", "0")
@@ -352,8 +359,9 @@ def notify(message: str) -> None:
 def run(config_path: str | None) -> int:
     """`mpagent agent`: load the configuration (exit 78 if it is wrong), then serve."""
     cfg = config.load(config_path)
+    handler = logging.StreamHandler()
+    handler.setFormatter(JournalFormatter() if os.environ.get("JOURNAL_STREAM") else PLAIN)
     logging.basicConfig(
-        level=os.environ.get("MPAGENT_LOG_LEVEL", cfg.agent.log_level).upper(),
-        format="%(asctime)s mpagent[%(process)d] %(levelname)s %(message)s",
+        level=os.environ.get("MPAGENT_LOG_LEVEL", cfg.agent.log_level).upper(), handlers=[handler]
     )
     return asyncio.run(Agent(cfg, config_path).run())

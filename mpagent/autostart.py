@@ -2,21 +2,22 @@
 simultaneous `mpagent get`s start exactly one, with a bounded wait for it to answer.
 
 The agent runs detached (its own session, no terminal), logging to the state directory.
+When `mpagent service install` has set up a service, the service manager is the one owner
+of start-up and this module never spawns: two owners could race to two agents.
 """
 
 from __future__ import annotations
 
-import _socket
-import fcntl
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from mpagent import paths
+from mpagent import client, paths, service
 from mpagent.errors import EX_CONFIG, AgentNotRunning, ConfigError
-from mpagent.private import ensure_private_dir, open_private
+from mpagent.private import ensure_private_dir, open_private, try_lock
 
 START_TIMEOUT = 15.0
 
@@ -28,24 +29,24 @@ def log_path() -> Path:
 
 
 def answers(socket_path: str) -> bool:
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        sock.settimeout(2.0)
-        sock.connect(socket_path)
-        return True
-    except OSError:
+        client.connect(socket_path, 2.0).close()
+    except AgentNotRunning:
         return False
-    finally:
-        sock.close()
+    return True
 
 
 def ensure_agent(socket_path: str, config_path: str | None, timeout: float = START_TIMEOUT) -> None:
     """Return once an agent answers on socket_path, starting one if needed."""
-    ensure_private_dir(Path(socket_path).parent)
+    manager = service.installed()
+    if manager is not None:
+        _wait_for_service(manager, socket_path, time.monotonic() + timeout)
+        return
+    lock_path = Path(paths.start_lock_file())
+    ensure_private_dir(lock_path.parent)
     deadline = time.monotonic() + timeout
-    lock = open_private(Path(socket_path + ".start"), os.O_RDWR | os.O_CREAT)
+    lock = _lock(lock_path, deadline)
     try:
-        _flock(lock, deadline)
         if answers(socket_path):
             return  # another client started it while we waited for the lock
         _spawn_and_wait(socket_path, config_path, deadline)
@@ -53,17 +54,33 @@ def ensure_agent(socket_path: str, config_path: str | None, timeout: float = STA
         os.close(lock)
 
 
-def _flock(fd: int, deadline: float) -> None:
+def _wait_for_service(manager: service.Manager, socket_path: str, deadline: float) -> None:
+    """systemd: its socket accepts as soon as the socket unit runs, so one try tells.
+    launchd: ask it to start the job, then wait (it may be throttling a restart)."""
+    if isinstance(manager, service.Launchd):
+        started = subprocess.run(
+            manager.kickstart(), stdin=subprocess.DEVNULL, capture_output=True, check=False
+        )
+        while started.returncode == 0 and time.monotonic() < deadline:
+            if answers(socket_path):
+                return
+            time.sleep(0.05)
+    elif answers(socket_path):
+        return
+    hint = manager.not_running(socket_path)
+    if socket_path != service.socket_path():
+        hint += f"; MPAGENT_SOCKET points away from the service's {service.socket_path()}"
+    raise AgentNotRunning(hint)
+
+
+def _lock(path: Path, deadline: float) -> int:
     while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise AgentNotRunning(
-                    "timed out waiting for another client to start the agent"
-                ) from None
-            time.sleep(0.02)
+        fd = try_lock(path)
+        if fd is not None:
+            return fd
+        if time.monotonic() > deadline:
+            raise AgentNotRunning("timed out waiting for another client to start the agent")
+        time.sleep(0.02)
 
 
 def _spawn_and_wait(socket_path: str, config_path: str | None, deadline: float) -> None:
@@ -79,8 +96,8 @@ def _spawn_and_wait(socket_path: str, config_path: str | None, deadline: float) 
             stdin=subprocess.DEVNULL,
             stdout=log_fd,
             stderr=log_fd,
-            start_new_session=True,
             env=dict(os.environ, MPAGENT_SOCKET=socket_path),
+            **_detached(),
         )
     finally:
         os.close(log_fd)
@@ -94,6 +111,14 @@ def _spawn_and_wait(socket_path: str, config_path: str | None, deadline: float) 
             raise error(f"the agent could not start (exit status {status}): {last} (log: {log})")
         time.sleep(0.02)
     raise AgentNotRunning(f"the agent did not answer within {START_TIMEOUT:g} s; see {log}")
+
+
+def _detached() -> dict[str, Any]:
+    """No terminal, no job control: the agent outlives the shell that started it."""
+    if sys.platform == "win32":
+        flags = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP
+        return {"creationflags": flags | subprocess.CREATE_NO_WINDOW}
+    return {"start_new_session": True}
 
 
 def _last_line(log: Path) -> str:

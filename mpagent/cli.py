@@ -121,7 +121,9 @@ def ask_agent(
     path = paths.socket_path()
     try:
         return client.call(path, verb, fields)
-    except AgentNotRunning:
+    except AgentNotRunning as exc:
+        if exc.details.get("connected"):
+            raise  # an agent is there but did not answer: starting another cannot help
         no_start = getattr(args, "no_start", False) or os.environ.get("MPAGENT_NO_AUTOSTART") == "1"
         if not start or no_start:
             raise

@@ -56,7 +56,7 @@ def call(
         line = _read_line(channel)
     except TimeoutError:
         raise AgentNotRunning(
-            f"the agent at {address} did not answer within {timeout:g} s"
+            f"the agent at {address} did not answer within {timeout:g} s", connected=True
         ) from None
     except OSError as exc:
         raise AgentNotRunning(

@@ -23,8 +23,14 @@ def config_file() -> str:
 
 def runtime_dir() -> str:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if sys.platform.startswith("linux") and xdg:
-        return os.path.join(xdg, APP)
+    if sys.platform.startswith("linux"):
+        if xdg:
+            return os.path.join(xdg, APP)
+        # ssh without pam_systemd, su: no XDG_RUNTIME_DIR, but systemd's socket unit still
+        # lives in /run/user/<uid>; agree with it when that directory is ours.
+        run_user = f"/run/user/{os.getuid()}"
+        if os.path.isdir(run_user) and os.stat(run_user).st_uid == os.getuid():
+            return os.path.join(run_user, APP)
     import warnings
 
     import platformdirs

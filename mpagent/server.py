@@ -9,6 +9,7 @@ second cheap. Anything that must wait (a refresh) becomes a task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -139,9 +140,12 @@ class Listener(typing.Protocol):
 class UnixListener:
     """A listening Unix socket, bound privately here or passed in by the service manager."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    def __init__(self, sock: socket.socket, *, owned: bool) -> None:
+        self.sock, self.owned = sock, owned
         self.address = sock.getsockname()
+        # Remove only our own socket file: after a quick restart another agent (or systemd)
+        # may already have bound a new one at the same path.
+        self._inode = os.stat(self.address).st_ino
         self.live: set[Connection] = set()
         self._server: asyncio.AbstractServer | None = None
 
@@ -154,6 +158,10 @@ class UnixListener:
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self.owned:
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.address).st_ino == self._inode:
+                    os.unlink(self.address)
 
     def busy(self) -> bool:
         return bool(self.live)

@@ -427,3 +427,13 @@ def test_sigterm_lets_in_flight_requests_finish(
     thread.join(15)
     assert agent.proc.wait(15) == 0
     assert reply and not isinstance(reply[0], client.AgentNotRunning), reply
+
+
+def test_journal_formatter_gives_priorities() -> None:
+    """Under systemd each log line starts with its syslog priority and nothing journald adds."""
+    import logging
+
+    from mpagent.agent import JournalFormatter
+
+    record = logging.LogRecord("mpagent", logging.ERROR, __file__, 1, "boom %s", ("x",), None)
+    assert JournalFormatter().format(record) == "<3>boom x"

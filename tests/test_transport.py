@@ -41,7 +41,7 @@ def handler(words: list[str], fields: protocol.Fields) -> bytes | object:
 
 
 def unix_listener(directory: Path) -> server.Listener:
-    return server.UnixListener(server.bind_private(directory / "run" / "t.sock"))
+    return server.UnixListener(server.bind_private(directory / "run" / "t.sock"), owned=True)
 
 
 def pipe_listener(directory: Path) -> server.Listener:
@@ -121,3 +121,19 @@ def test_owner_only_dacl() -> None:
     assert winpipe.owner_only_sddl("S-1-5-21-1-2-3-1001") == "D:P(A;;GA;;;S-1-5-21-1-2-3-1001)"
     with pytest.raises(ValueError, match="not a SID"):
         winpipe.owner_only_sddl("Everyone")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Unix sockets only")
+def test_close_leaves_a_newer_socket_alone(tmp_path: Path) -> None:
+    """Stopping removes our socket file, but not one another agent bound there since."""
+    path = Path(tempfile.mkdtemp(prefix="mpt-", dir="/tmp")) / "run" / "t.sock"
+    ours = server.UnixListener(server.bind_private(path), owned=True)
+    ours.close()
+    assert not path.exists()
+    mine = server.UnixListener(server.bind_private(path), owned=True)
+    path.unlink()  # a quick restart elsewhere replaced the file
+    newer = socket.socket(socket.AF_UNIX)
+    newer.bind(str(path))
+    mine.close()
+    assert path.exists()
+    newer.close()
