@@ -157,7 +157,9 @@ class UnixListener:
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.close()
+            self._server.close()  # closes the listening socket too
+        else:
+            self.sock.close()
         if self.owned:
             with contextlib.suppress(FileNotFoundError):
                 if os.stat(self.address).st_ino == self._inode:
