@@ -364,4 +364,7 @@ def run(config_path: str | None) -> int:
     logging.basicConfig(
         level=os.environ.get("MPAGENT_LOG_LEVEL", cfg.agent.log_level).upper(), handlers=[handler]
     )
+    # watchdog logs every event at debug level; a log file in a watched directory would then
+    # feed itself forever.
+    logging.getLogger("watchdog").setLevel(logging.INFO)
     return asyncio.run(Agent(cfg, config_path).run())

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 
 from mpagent import grant
 from mpagent.config import Config, Profile
+from mpagent.errors import MpagentError
 from mpagent.issuer import Issuer, Token, fingerprint
 from mpagent.keys import Passwords, SigningKey, load_signing_key
 from mpagent.passwords import ProfilePasswords
@@ -55,14 +56,20 @@ class Exchange:
 
 
 def load_key(profile: Profile, passwords: Passwords | None = None) -> SigningKey:
-    return load_signing_key(
-        profile.keystore,
-        keystore_type=profile.keystore_type,
-        alias=profile.alias,
-        certificate=profile.certificate,
-        passwords=passwords or ProfilePasswords(profile.name),
-        x5c_mode=profile.kid is None,
-    )
+    try:
+        return load_signing_key(
+            profile.keystore,
+            keystore_type=profile.keystore_type,
+            alias=profile.alias,
+            certificate=profile.certificate,
+            passwords=passwords or ProfilePasswords(profile.name),
+            x5c_mode=profile.kid is None,
+        )
+    except MpagentError as exc:
+        # keys.py knows files, not profiles: name the profile in its "how to fix" hints.
+        if "<profile>" not in exc.message:
+            raise
+        raise type(exc)(exc.message.replace("<profile>", profile.name), **exc.details) from exc
 
 
 def open_exchange(config: Config, profile: Profile, passwords: Passwords | None = None) -> Exchange:

@@ -43,7 +43,7 @@ MESSAGES = {
     + _HOW_TO_SET_STORE_PW,
     "wrong_key_password": "the key password of entry {alias!r} is wrong (keytool keystores often"
     " protect a key with a password other than the store password): set the key password via"
-    " MPAGENT_KEY_PASSWORD or the keyring entry `<profile>/key`",
+    " MPAGENT_KEY_PASSWORD or `mpagent secret set <profile> --key`",
     "alias_not_found": "no entry with alias {alias!r}; the aliases holding private keys are:"
     " {shown}. Set `alias` to one of them",
     "trusted_cert_alias": "alias {alias!r} is a trusted certificate without a private key; set"

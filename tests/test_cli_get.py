@@ -147,7 +147,7 @@ def test_wrong_store_password(config: Path, emulator: Emulator, p12: Path) -> No
 def test_no_password_anywhere(config: Path, emulator: Emulator, p12: Path) -> None:
     """An encrypted keystore with no password source says how to provide one."""
     write_config(config, {"dev": profile_for(emulator, p12)})
-    assert_failed(get(config, SCOPES[0]), 78, "MPAGENT_KEYSTORE_PASSWORD", "mpagent secret set")
+    assert_failed(get(config, SCOPES[0]), 78, "MPAGENT_KEYSTORE_PASSWORD", "mpagent secret set dev")
 
 
 def test_non_repudiation_certificate(

@@ -351,7 +351,7 @@ def test_wrong_key_password(m: Material, tmp_path: Path) -> None:
         path,
         "'auth'",
         "MPAGENT_KEY_PASSWORD",
-        "<profile>/key",
+        "mpagent secret set <profile> --key",
         passwords=StaticPasswords(STORE_PW, WRONG_PW),
     )
     assert "store password" in exc.message
