@@ -24,6 +24,7 @@ from mpagent import __version__, config, envfile, paths, protocol, server
 from mpagent.config import Config
 from mpagent.errors import AlreadyRunning, MpagentError, ProtocolError
 from mpagent.exchange import open_exchange
+from mpagent.keys import certificate_warning
 from mpagent.passwords import ProfilePasswords
 from mpagent.private import ensure_private_dir, try_lock
 from mpagent.refresher import Refresher, Source
@@ -205,6 +206,11 @@ class Agent:
                 name: (s.error.message if s.error else None)
                 for name, s in self.refresher.sources.items()
             },
+            "warnings": {
+                name: warning
+                for name, s in self.refresher.sources.items()
+                if s.exchange and (warning := certificate_warning(s.exchange.key, time.time()))
+            },
             "tokens": self.refresher.status(),
         }
 
@@ -325,10 +331,11 @@ class JournalFormatter(logging.Formatter):
     """Under systemd: journald adds time and pid itself; a <N> prefix gives the priority,
     so `journalctl -p err` finds errors."""
 
-    PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
-
     def format(self, record: logging.LogRecord) -> str:
-        return f"<{self.PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
+        return f"<{_PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
+
+
+_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 
 
 def inherited_listener() -> socket.socket | None:

@@ -231,7 +231,7 @@ def _environment(get: _Getter) -> str:
             f"is {env!r}",
             'write "test", "prod", or an issuer URL such as "https://test.maskinporten.no/"',
         )
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
         raise get.error(
             "environment",
             f"uses plain http:// to {parts.hostname}",
@@ -306,9 +306,15 @@ def _bridge(t: Mapping[str, Any], file: Path) -> BridgeSettings:
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise get.error("listen", f"is {listen!r}", 'write "127.0.0.1:PORT", e.g. listen = "127.0.0.1:8765"')
-    if not _is_loopback(host):
-        raise get.error("listen", f"binds {host!r}, which is not loopback", "the bridge hands out tokens; bind it to 127.0.0.1 or [::1] only")
+        raise get.error(
+            "listen", f"is {listen!r}", 'write "127.0.0.1:PORT", e.g. listen = "127.0.0.1:8765"'
+        )
+    if not is_loopback(host):
+        raise get.error(
+            "listen",
+            f"binds {host!r}, which is not loopback",
+            "the bridge hands out tokens; bind it to 127.0.0.1 or [::1] only",
+        )
     return BridgeSettings(listen=(host, int(port)), secret_file=get.path("secret_file"))
 
 
@@ -388,7 +394,7 @@ def _is_env_name(name: str) -> bool:
     return name.replace("_", "A").isalnum() and name.isascii() and not name[0].isdigit()
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

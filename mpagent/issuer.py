@@ -80,16 +80,29 @@ class Issuer:
             self._endpoints = self._discover()
         return self._endpoints
 
+    def metadata_url(self) -> str:
+        return (
+            ENVIRONMENTS.get(self.environment, self.environment).rstrip("/") + "/" + METADATA_PATH
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        """The RFC 8414 metadata document; also notes the clock skew from its Date header."""
+        url = self.metadata_url()
+        sent_at = self.clock()
+        response = self._send("GET", url)
+        self._note_skew(response, sent_at)
+        return self._json(response, url)
+
     def _discover(self) -> Endpoints:
-        base = ENVIRONMENTS.get(self.environment, self.environment)
-        if self.environment in ENVIRONMENTS:
+        if self.environment in ENVIRONMENTS:  # known: no request needed
+            base = ENVIRONMENTS[self.environment]
             return Endpoints(issuer=base, token_endpoint=base + "token")
-        url = base.rstrip("/") + "/" + METADATA_PATH
-        body = self._json(self._send("GET", url), url)
+        url = self.metadata_url()
+        body = self.metadata()
         issuer, endpoint = body.get("issuer"), body.get("token_endpoint")
         if not isinstance(issuer, str) or not isinstance(endpoint, str):
             raise IssuerUnavailable(
-                f"metadata at {url} lacks issuer or token_endpoint; is {base} a Maskinporten issuer?"
+                f"metadata at {url} lacks issuer or token_endpoint; is {self.environment} a Maskinporten issuer?"
             )
         return Endpoints(issuer=issuer, token_endpoint=endpoint)
 
@@ -134,22 +147,28 @@ class Issuer:
         return body
 
     def _note_skew(self, response: requests.Response, sent_at: float) -> None:
-        date = response.headers.get("Date")
-        if not date:
+        skew = skew_from_date(response.headers.get("Date"), sent_at, self.clock())
+        if skew is None:
             return
-        try:
-            theirs = email.utils.parsedate_to_datetime(date).timestamp()
-        except (TypeError, ValueError):
-            return
-        # Date has one-second resolution; compare with the middle of the round trip.
-        ours = (sent_at + self.clock()) / 2
-        self.skew = theirs - ours
-        if abs(self.skew) > SKEW_WARNING + 0.5:
+        self.skew = skew
+        if abs(skew) > SKEW_WARNING + 0.5:
             log.warning(
                 "the local clock is %.0f s %s Maskinporten's (it allows 10 s); fix the clock (NTP)",
-                abs(self.skew),
-                "behind" if self.skew > 0 else "ahead of",
+                abs(skew),
+                "behind" if skew > 0 else "ahead of",
             )
+
+
+def skew_from_date(date: str | None, sent: float, received: float) -> float | None:
+    """The issuer's clock minus ours: its Date header (one-second resolution) against the
+    middle of the round trip."""
+    if not date:
+        return None
+    try:
+        theirs = email.utils.parsedate_to_datetime(date).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return theirs - (sent + received) / 2
 
 
 def parse_token(body: dict[str, Any], requested_at: float, url: str) -> Token:
@@ -185,7 +204,7 @@ def rejection(response: requests.Response) -> IssuerRejected:
     found = _MP_CODE.search(str(body.get("error_uri") or "")) or _MP_CODE.search(description)
     mp_code = found.group(1) if found else None
     code = f" [{mp_code}]" if mp_code else ""
-    hint = HINTS.get(mp_code or "", HINTS.get(error, ""))
+    hint = hint_for(mp_code, error, description)
     return IssuerRejected(
         f"Maskinporten refused the grant: {error}{code}: {description}"
         + (f" — {hint}" if hint else ""),
@@ -207,6 +226,24 @@ HINTS = {
     "MP-130": "the grant expired on arrival; check the local clock (NTP)",
     "MP-012": "a grant was reused; this is a bug, please report it",
     "MP-200": "register the scope on the client in Digdir's self-service portal",
+    "MP-201": "the scope is not available to Maskinporten clients (wrong integration type)",
     "MP-250": "the API owner has not granted your organisation this scope",
+    "MP-251": "the customer (consumer_org) has not delegated the access to you in Altinn",
     "invalid_scope": "register the scope on the client in Digdir's self-service portal",
 }
+# Refusals without an MP code, recognised by their description.
+HINTS_BY_TEXT = {
+    "Issue time is after now": "this machine's clock is ahead of Maskinporten's; enable NTP",
+    "Unknown key identifier": "register the key's public JWK on the client, or correct `kid`",
+    "requires pre-registered jwk": "the client has registered keys: set `kid` to one of them",
+}
+
+
+def hint_for(mp_code: str | None, error: str | None, description: str) -> str:
+    """The next step for a refusal: by MP code, else by its description, else by its error."""
+    if mp_code in HINTS:
+        return HINTS[mp_code]
+    for text, hint in HINTS_BY_TEXT.items():
+        if text in description:
+            return hint
+    return HINTS.get(error or "", "")

@@ -12,6 +12,7 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -474,3 +475,24 @@ _LOADERS: dict[str, Callable[[Path, bytes, Passwords], list[_Entry]]] = {
     "pem": _load_pem,
     "jwk": _load_jwk,
 }
+
+
+EXPIRY_WARNING_DAYS = 30
+
+
+def certificate_warning(key: SigningKey, now: dt.datetime | float) -> str | None:
+    """A warning when the signing certificate expires within 30 days (or has expired)."""
+    if not key.chain or days_left(key, now) > EXPIRY_WARNING_DAYS:
+        return None
+    days, end = days_left(key, now), key.chain[0].not_valid_after_utc
+    subject = key.chain[0].subject.rfc4514_string()
+    if days <= 0:
+        return f"the certificate ({subject}) expired on {end:%Y-%m-%d}"
+    return f"the certificate ({subject}) expires in {days} days, on {end:%Y-%m-%d}"
+
+
+def days_left(key: SigningKey, now: dt.datetime | float) -> int:
+    if not isinstance(now, dt.datetime):
+        now = dt.datetime.fromtimestamp(now, dt.UTC)
+    left = key.chain[0].not_valid_after_utc - now
+    return math.ceil(left.total_seconds() / 86400)

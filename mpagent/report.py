@@ -26,6 +26,8 @@ def status(doc: dict[str, Any], now: float | None = None) -> str:
     for name, error in sorted(doc.get("profiles", {}).items()):
         if error:
             lines.append(f"profile {name} unusable: {error}")
+    for name, warning in sorted(doc.get("warnings", {}).items()):
+        lines.append(f"WARNING profile {name}: {warning}; renew it before Maskinporten refuses it")
     lines.append("")
     lines.append(
         f"{'PROFILE':<12} {'SCOPE':<32} {'EXPIRES':<12} {'REFRESH':<12} {'REFRESHES':>9} ERROR"

@@ -437,3 +437,27 @@ def test_journal_formatter_gives_priorities() -> None:
 
     record = logging.LogRecord("mpagent", logging.ERROR, __file__, 1, "boom %s", ("x",), None)
     assert JournalFormatter().format(record) == "<3>boom x"
+
+
+def test_status_warns_of_certificate_expiry(
+    tmp_path: Path,
+    home: Path,
+    short_emulator: Emulator,
+    ca: pki.Issued,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """status warns when the signing certificate expires within 30 days."""
+    import datetime as dt
+
+    from .keystores import write_pkcs12
+
+    soon = pki.make_leaf(ca, not_after=dt.datetime.now(dt.UTC) + dt.timedelta(days=10))
+    keystore = write_pkcs12(tmp_path / "soon.p12", {"auth": soon}, PASSWORD, [ca.cert])
+    config = write_config(tmp_path / "config.toml", {"dev": profile_for(short_emulator, keystore)})
+    monkeypatch.setenv("MPAGENT_KEYSTORE_PASSWORD", PASSWORD)
+    proc = AgentProcess(config, home / "agent.log").wait_ready()
+    try:
+        assert "expires in 10 days" in status()["warnings"]["dev"]
+        assert "WARNING profile dev: the certificate" in run_cli("status").stdout
+    finally:
+        proc.stop()

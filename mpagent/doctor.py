@@ -1,0 +1,298 @@
+"""`mpagent doctor`: check one profile step by step, from the config file to a real token.
+
+Each check is a small function returning a `Result`; `render` makes text of them, `main` prints.
+A check whose inputs failed is skipped. Exit status: that of the first failure's error class (78
+config, key or certificate; 75 issuer unreachable; 77 refused; 1 clock), else 0. No secrets shown.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from mpagent import config as config_module
+from mpagent import errors
+from mpagent.config import ENVIRONMENTS, Profile, is_loopback
+from mpagent.exchange import Exchange, load_key
+from mpagent.issuer import Issuer, hint_for
+from mpagent.keys import (
+    Passwords,
+    SigningKey,
+    certificate_warning,
+    days_left,
+    load_signing_key,
+)
+from mpagent.passwords import ProfilePasswords
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
+SYMBOLS = {OK: "✓", WARN: "!", FAIL: "✗", SKIP: "-"}
+SKEW_WARN, SKEW_FAIL = 5.0, 10.0  # Maskinporten allows 10 s
+# Test CAs say so in their name: "Buypass Class 3 Test4 CA G2 ST Business", "Commfides CPN
+# Enterprise-Norwegian SHA256 CA - TEST2", "mpagent throwaway test CA". Production ones do not.
+_TEST_CA = re.compile(r"\btest", re.IGNORECASE)
+_HOSTS = {"test.maskinporten.no": "test", "test.sky.maskinporten.no": "test"}
+_HOSTS |= {"maskinporten.no": "prod", "sky.maskinporten.no": "prod"}
+KEYSTORE_ROWS = ("keystore opens", "the alias holds a private key", "key and certificate match")
+CERTIFICATE_ROWS: tuple[str, ...] = ("key usage includes digitalSignature", "certificate validity")
+CERTIFICATE_ROWS += ("certificate fits the environment",)
+# keys.MESSAGES checks failing the second and third keystore rows; any other fails the first.
+_KEY_CHECKS = {"alias_not_found", "trusted_cert_alias", "no_private_key", "several_keys"}
+_KEY_CHECKS |= {"wrong_key_password", "not_rsa", "unreadable_key"}
+_MATCH_CHECKS = ("key_certificate_mismatch", "no_certificate", "unreadable_certificate")
+_CERT_CHECKS = ("not_digital_signature", "certificate_expired", "certificate_not_yet_valid")
+_SECRET_FIX = {  # keys.py can only say `<profile>`; doctor knows the name
+    "wrong_store_password": "mpagent secret set {p}   (or export MPAGENT_KEYSTORE_PASSWORD)",
+    "no_password": "mpagent secret set {p}   (or export MPAGENT_KEYSTORE_PASSWORD)",
+    "wrong_key_password": "mpagent secret set {p} --key   (or export MPAGENT_KEY_PASSWORD)",
+}
+
+
+@dataclass(frozen=True)
+class Result:
+    status: str  # OK, WARN, FAIL or SKIP
+    title: str
+    detail: str = ""
+    fix: str = ""
+    exit_code: int = 0  # for a failure: the exit status of its error class
+
+
+def ok(title: str, detail: str = "") -> Result:
+    return Result(OK, title, detail)
+
+
+def skipped(title: str, why: str) -> Result:
+    return Result(SKIP, title, why)
+
+
+def failed(title: str, detail: str, fix: str = "", code: int = errors.EX_CONFIG) -> Result:
+    return Result(FAIL, title, detail, fix, code)
+
+
+# -- configuration and key material
+
+
+def check_config(path: str | None, name: str | None) -> tuple[Result, Any, Profile | None]:
+    try:
+        cfg = config_module.load(path)
+        profile = cfg.profile(name)
+    except errors.ConfigError as exc:
+        return failed("config", str(exc), code=exc.exit_code), None, None
+    where = f"{cfg.path}, profile {profile.name} ({profile.environment})"
+    return ok("config", where), cfg, profile
+
+
+def check_keystore(
+    profile: Profile, passwords: Passwords
+) -> tuple[list[Result], SigningKey | None, Sequence[str]]:
+    """The keystore rows, the key if it loads, and the other private keys' aliases when known.
+    A certificate error is left to the certificate rows: the key is loaded again without it."""
+    try:
+        key = load_key(profile, passwords)  # exactly as the agent loads it
+    except errors.ConfigError as exc:
+        if exc.details.get("check") not in _CERT_CHECKS:
+            return _keystore_failure(profile, exc), None, ()
+        key = load_signing_key(
+            profile.keystore,
+            keystore_type=profile.keystore_type,
+            alias=profile.alias,
+            certificate=profile.certificate,
+            passwords=passwords,
+            x5c_mode=False,
+        )
+        return _keystore_rows(key), key, exc.details.get("aliases", ())
+    return _keystore_rows(key), key, ()
+
+
+def _keystore_rows(key: SigningKey) -> list[Result]:
+    leaf = (
+        f"certificate {key.chain[0].subject.rfc4514_string()}"
+        if key.chain
+        else "no certificate (kid mode)"
+    )
+    entry = f"{key.source}: RSA {key.private_key.key_size} bit, {key.fingerprint}"
+    opened = key.source.split(" (entry")[0]
+    return [ok(KEYSTORE_ROWS[0], opened), ok(KEYSTORE_ROWS[1], entry), ok(KEYSTORE_ROWS[2], leaf)]
+
+
+def _keystore_failure(profile: Profile, exc: errors.ConfigError) -> list[Result]:
+    check = str(exc.details.get("check", ""))
+    row = 1 if check in _KEY_CHECKS else 2 if check in _MATCH_CHECKS else 0
+    fix = _SECRET_FIX.get(check, "").format(p=profile.name)
+    rows = [ok(title) for title in KEYSTORE_ROWS[:row]]
+    rows.append(failed(KEYSTORE_ROWS[row], str(exc), fix, exc.exit_code))
+    why = f"needs '{KEYSTORE_ROWS[row]}'"
+    return rows + [skipped(title, why) for title in KEYSTORE_ROWS[row + 1 :]]
+
+
+def check_key_usage(key: SigningKey, other_aliases: Sequence[str] = ()) -> Result:
+    title, leaf = CERTIFICATE_ROWS[0], key.chain[0]
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return ok(title, "no key usage extension (no restriction)")
+    if usage.digital_signature:
+        return ok(title, "digitalSignature")
+    detail = (
+        f"the certificate ({leaf.subject.rfc4514_string()}) lacks digitalSignature: it is the"
+        " non-repudiation (signing) certificate, which Maskinporten does not accept"
+    )
+    others = ", ".join(repr(a) for a in other_aliases)
+    fix = "set `alias` to the entry holding the authentication certificate"
+    return failed(title, detail, fix + (f" (other private keys here: {others})" if others else ""))
+
+
+def check_validity(key: SigningKey, now: dt.datetime) -> Result:
+    title, leaf = CERTIFICATE_ROWS[1], key.chain[0]
+    start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+    if now < start:
+        return failed(title, f"not valid before {start:%Y-%m-%d %H:%M} UTC", "check the clock")
+    if now > end:
+        fix = "order a renewed certificate and point `keystore` at it"
+        return failed(title, f"expired on {end:%Y-%m-%d} ({-days_left(key, now)} days ago)", fix)
+    warning = certificate_warning(key, now)
+    if warning:
+        return Result(WARN, title, warning, "order a renewed certificate now")
+    return ok(title, f"valid until {end:%Y-%m-%d} ({days_left(key, now)} days left)")
+
+
+def is_test_ca(issuer_name: str) -> bool:
+    return bool(_TEST_CA.search(issuer_name))
+
+
+def environment_kind(environment: str) -> str | None:
+    """ "test" or "prod"; None for a URL that says neither. Loopback (the emulator) is test."""
+    if environment in ENVIRONMENTS:
+        return environment
+    host = (urlsplit(environment).hostname or "").lower()
+    return "test" if is_loopback(host) else _HOSTS.get(host)
+
+
+def check_environment(key: SigningKey, environment: str) -> Result:
+    title, issuer = CERTIFICATE_ROWS[2], key.chain[0].issuer
+    names = issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
+    ca = ", ".join(str(n.value) for n in names) or issuer.rfc4514_string()
+    kind, wanted = ("test" if is_test_ca(ca) else "prod"), environment_kind(environment)
+    if wanted is None:
+        return skipped(title, f"{environment} is neither test nor prod; issuer {ca} ({kind} CA)")
+    if kind == wanted:
+        return ok(title, f"{kind} CA ({ca}) for a {wanted} environment")
+    detail = f"a {kind} certificate (issuer {ca}) in {wanted}: Maskinporten refuses it (MP-120)"
+    return failed(title, detail, f'use your {wanted} certificate, or environment = "{kind}"')
+
+
+# -- Maskinporten
+
+
+def check_metadata(issuer: Issuer) -> tuple[Result, float | None]:
+    """GET the metadata document; also the clock skew from its Date header."""
+    title, url = "metadata reachable", issuer.metadata_url()
+    try:
+        body = issuer.metadata()
+    except errors.IssuerUnavailable as exc:
+        fix = "check the network, and that `environment` is a Maskinporten issuer"
+        return failed(title, str(exc), fix, exc.exit_code), issuer.skew
+    if "token_endpoint" not in body:
+        detail = f"{url} answered without a token_endpoint"
+        return failed(title, detail, "check `environment`", errors.EX_TEMPFAIL), issuer.skew
+    return ok(title, f"{url}: token endpoint {body['token_endpoint']}"), issuer.skew
+
+
+def check_clock(skew: float | None) -> Result:
+    if skew is None:
+        return skipped("clock", "the issuer's answer had no Date header")
+    side = "behind" if skew > 0 else "ahead of"
+    text = f"this machine's clock is {abs(skew):.0f} s {side} Maskinporten's"
+    fix = "enable time synchronisation (NTP), e.g. `timedatectl set-ntp true`"
+    if abs(skew) <= SKEW_WARN:
+        return ok("clock", f"within {abs(skew):.0f} s of Maskinporten's")
+    if abs(skew) <= SKEW_FAIL:
+        return Result(WARN, "clock", text + " (it allows 10 s)", fix)
+    return failed("clock", text + "; it refuses grants more than 10 s off", fix, errors.EX_GENERIC)
+
+
+def check_token(exchange: Exchange, scope: str) -> Result:
+    title = f"token for {scope}"
+    try:
+        token = exchange.fetch([scope])
+    except errors.IssuerRejected as exc:
+        code = f" [{exc.mp_code}]" if exc.mp_code else ""
+        detail = f"Maskinporten refused: {exc.error}{code}: {exc.error_description}"
+        return failed(title, detail, explain(exc), exc.exit_code)
+    except errors.MpagentError as exc:
+        return failed(title, str(exc), code=exc.exit_code)
+    return ok(title, f"{token.token_type} token for {token.scope!r}, {token.lifetime:.0f} s")
+
+
+def explain(exc: errors.IssuerRejected) -> str:
+    """The next step for a refusal."""
+    found = hint_for(exc.mp_code, exc.error, exc.error_description or "")
+    return found or "check the client's registration with Digdir"
+
+
+# -- running and rendering
+
+
+def run(config_path: str | None, profile_name: str | None, no_token: bool = False) -> list[Result]:
+    result, cfg, profile = check_config(config_path, profile_name)
+    if profile is None:
+        later = (*KEYSTORE_ROWS, *CERTIFICATE_ROWS, "metadata reachable", "clock", "token request")
+        return [result, *(skipped(title, "needs a valid configuration") for title in later)]
+    rows, key, aliases = check_keystore(profile, ProfilePasswords(profile.name))
+    results = [result, *rows, *_certificate_checks(profile, key, aliases)]
+    http = cfg.http
+    issuer = Issuer(
+        profile.environment, connect_timeout=http.connect_timeout, read_timeout=http.read_timeout
+    )
+    metadata, skew = check_metadata(issuer)
+    clock = check_clock(skew) if metadata.status != FAIL else skipped("clock", "needs metadata")
+    results += [metadata, clock]
+    if no_token or key is None or any(r.status == FAIL for r in results):
+        return [
+            *results,
+            skipped("token request", "--no-token" if no_token else "fix the failures first"),
+        ]
+    exchange = Exchange(profile, key, issuer)
+    return results + [check_token(exchange, scope) for scope in profile.scopes]
+
+
+def _certificate_checks(
+    profile: Profile, key: SigningKey | None, aliases: Sequence[str]
+) -> list[Result]:
+    if key is None:
+        return [skipped(title, "needs the key and certificate") for title in CERTIFICATE_ROWS]
+    kid = profile.kid or key.kid
+    if kid:
+        why = f"kid mode (kid {kid!r}): no certificate is sent"
+        return [skipped(title, why) for title in CERTIFICATE_ROWS]
+    now = dt.datetime.now(dt.UTC)
+    usage, validity = check_key_usage(key, aliases), check_validity(key, now)
+    return [usage, validity, check_environment(key, profile.environment)]
+
+
+def render(results: Sequence[Result]) -> str:
+    lines = []
+    for r in results:
+        detail = f"skipped ({r.detail})" if r.status == SKIP else r.detail
+        lines.append(f"{SYMBOLS[r.status]} {r.title}" + (f": {detail}" if detail else ""))
+        if r.fix and r.status in (FAIL, WARN):
+            lines.append(f"    fix: {r.fix}")
+    n = {s: sum(r.status == s for r in results) for s in SYMBOLS}
+    lines.append(f"\n{n[OK]} ok, {n[WARN]} warnings, {n[FAIL]} failed, {n[SKIP]} skipped")
+    return "\n".join(lines) + "\n"
+
+
+def exit_status(results: Sequence[Result]) -> int:
+    return next((r.exit_code or errors.EX_GENERIC for r in results if r.status == FAIL), 0)
+
+
+def main(args: Any, out: TextIO) -> int:
+    results = run(args.config, args.profile, args.no_token)
+    out.write(render(results))
+    return exit_status(results)

@@ -1,0 +1,348 @@
+"""`mpagent import-properties`: a jwt-grant-generator properties file becomes a profile.
+
+`parse_properties` (Java properties syntax) and `to_profile` (MASKINPORTEN.md §6 keys to TOML) are
+pure; `main` validates, writes an inline keystore 0600 beside the config, appends the profile
+atomically and stores the passwords in the OS keyring. No password or key byte is ever shown.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import tempfile
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+from mpagent import config, paths
+from mpagent.errors import ConfigError, SecretUnavailable
+from mpagent.passwords import KEY_ENV, KEYSTORE_ENV, SERVICE, keyring_set, keyring_username
+
+_WHITESPACE = " \t\f"
+_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
+REQUIRED = {"issuer": "the client_id", "scope": "the scopes", "keystore.file": "the keystore"}
+_OPTIONAL = {"keystore.alias": "alias", "keystore.kid": "kid", "resource": "resource"}
+_OPTIONAL |= {"consumer_org": "consumer_org", "pid": "pid"}
+KNOWN = (*REQUIRED, *_OPTIONAL, "audience", "token.endpoint", "keystore.type")
+KNOWN += ("keystore.password", "keystore.alias.password")
+# Test environments retired or renamed: ver1/ver2 (June 2024) and the ID-porten hosts before 2020.
+_OLD_TEST_HOSTS: tuple[str, ...] = ("ver1.maskinporten.no", "ver2.maskinporten.no")
+_OLD_TEST_HOSTS += ("oidc-ver1.difi.no", "oidc-ver2.difi.no")
+_NAMED = {url.rstrip("/"): env for env, url in config.ENVIRONMENTS.items()}
+_EXTENSIONS = {"jks": "jks", "pkcs12": "p12", "pem": "pem", "jwk": "jwk"}
+_PASSWORDS = {"keystore": ("keystore.password", KEYSTORE_ENV)}
+_PASSWORDS["key"] = ("keystore.alias.password", KEY_ENV)
+
+
+# -- Java properties syntax
+
+
+def parse_properties(text: str) -> dict[str, str]:
+    """Keys and values as java.util.Properties.load reads them; ValueError names the line."""
+    props = {}
+    for number, line in _logical_lines(text):
+        key, value = _split(line)
+        props[_unescape(key, number)] = _unescape(value, number)
+    return props
+
+
+def _logical_lines(text: str) -> list[tuple[int, str]]:
+    """(first line number, text) per logical line: comments and blank lines dropped,
+    continuation lines (after an odd number of trailing backslashes) joined."""
+    lines, pending, start = [], None, 0
+    for number, natural in enumerate(re.split(r"\r\n|\r|\n", text), 1):
+        line = natural.lstrip(_WHITESPACE)
+        if pending is None:
+            if not line or line[0] in "#!":
+                continue
+            pending, start = "", number
+        trailing = len(line) - len(line.rstrip("\\"))
+        if trailing % 2:
+            pending += line[:-1]
+            continue
+        lines.append((start, pending + line))
+        pending = None
+    if pending is not None:
+        lines.append((start, pending))
+    return lines
+
+
+def _split(line: str) -> tuple[str, str]:
+    """Key and raw value: the key ends at the first unescaped '=', ':' or whitespace."""
+    i = 0
+    while i < len(line) and line[i] not in "=:" + _WHITESPACE:
+        i += 2 if line[i] == "\\" else 1
+    key, rest = line[:i], line[i:].lstrip(_WHITESPACE)
+    if rest[:1] in ("=", ":"):
+        rest = rest[1:].lstrip(_WHITESPACE)
+    return key, rest
+
+
+def _unescape(raw: str, number: int) -> str:
+    out, i = [], 0
+    while i < len(raw):
+        char, i = raw[i], i + 1
+        if char != "\\" or i == len(raw):  # a lone trailing backslash is dropped, as Java does
+            out.append(char if char != "\\" else "")
+            continue
+        char, i = raw[i], i + 1
+        if char != "u":
+            out.append(_ESCAPES.get(char, char))
+            continue
+        digits, i = raw[i : i + 4], i + 4
+        if not re.fullmatch(r"[0-9a-fA-F]{4}", digits):
+            raise ValueError(f"line {number}: malformed \\uXXXX escape")
+        out.append(chr(int(digits, 16)))
+    try:  # \uD83D\uDE00 escapes one character as a UTF-16 surrogate pair
+        return "".join(out).encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+    except UnicodeDecodeError:
+        raise ValueError(f"line {number}: a \\u escape is half of a surrogate pair") from None
+
+
+# -- mapping to a profile
+
+
+def environment_for(audience: str | None, token_endpoint: str | None) -> tuple[str, list[str]]:
+    """The profile's `environment` for jwt-grant-generator's audience (else token.endpoint)."""
+    source = "audience" if audience else "token.endpoint"
+    url = (audience or token_endpoint or "").strip()
+    notes = [] if audience else ["no audience: the issuer is taken from token.endpoint"]
+    if url.rstrip("/").endswith("/token"):  # Maskinporten refuses the token endpoint as aud
+        url = url.rstrip("/")[: -len("token")]
+        notes += [f"audience is a token endpoint, not the issuer {url}"] if audience else []
+    env = _NAMED.get(url.rstrip("/").lower())
+    if env and not url.endswith("/"):
+        notes.append(f"{source} {url} lacks the issuer's trailing slash")
+    if env is None and (urlsplit(url).hostname or "").lower() in _OLD_TEST_HOSTS:
+        env = "test"
+        notes.append(f"{source} {url} is a retired test environment; check your client is in test")
+    notes.append(f"{source} {url} → environment = {_toml(env or url)}")
+    if audience and token_endpoint:
+        notes.append("token.endpoint: not needed, mpagent knows or discovers it from the issuer")
+    return env or url, notes
+
+
+def embedded_keystore(props: Mapping[str, str]) -> bytes | None:
+    """The keystore bytes of `keystore.file=base64:...`, else None."""
+    value = props.get("keystore.file", "").strip()
+    if not value.startswith("base64:"):
+        return None
+    try:
+        return base64.b64decode("".join(value[len("base64:") :].split()), validate=True)
+    except binascii.Error:
+        raise ValueError("keystore.file holds base64: text that is not valid base64") from None
+
+
+def keystore_type(props: Mapping[str, str], data: bytes | None) -> str | None:
+    """`keystore.type` in mpagent's words; without it, an inline keystore's detected type."""
+    declared = props.get("keystore.type", "").strip().lower()
+    if declared:
+        return {"pkcs#12": "pkcs12", "p12": "pkcs12", "pfx": "pkcs12"}.get(declared, declared)
+    if data is None:
+        return None
+    from mpagent.keys import detect_type
+
+    try:
+        return detect_type(data)
+    except ValueError:
+        raise ValueError("keystore.file base64: is not a JKS or PKCS#12 keystore") from None
+
+
+def to_profile(
+    props: Mapping[str, str], name: str, *, base_dir: Path
+) -> tuple[str, dict[str, str], list[str]]:
+    """The `[profiles.NAME]` TOML, the passwords ("keystore", "key") and what was done, line by
+    line. Relative keystore paths are taken from `base_dir` (the properties file's directory)."""
+    _require(props)
+    env, env_notes = environment_for(props.get("audience"), props.get("token.endpoint"))
+    profile: dict[str, Any] = {"environment": env, "client_id": props["issuer"].strip()}
+    profile["scopes"] = props["scope"].split()
+    keystore, keystore_notes = _keystore_settings(props, name, base_dir)
+    optional = {s: props[k].strip() for k, s in _OPTIONAL.items() if props.get(k, "").strip()}
+    profile |= keystore | optional
+    passwords, password_notes = _passwords(props)
+    notes = [
+        f"issuer → client_id = {_toml(profile['client_id'])}",
+        *env_notes,
+        f"scope → scopes = {_toml(profile['scopes'])} (one token each)",
+        *keystore_notes,
+        *(f"{k} → {s} = {_shown(s, optional[s])}" for k, s in _OPTIONAL.items() if s in optional),
+        *(f"{key}: not used by mpagent, ignored" for key in props if key not in KNOWN),
+        *password_notes,
+    ]
+    lines = [f"[profiles.{name}]", *(f"{k} = {_toml(v)}" for k, v in profile.items())]
+    return "\n".join(lines) + "\n", passwords, notes
+
+
+def _require(props: Mapping[str, str]) -> None:
+    missing = [f"{k} ({what})" for k, what in REQUIRED.items() if not props.get(k, "").strip()]
+    if not (props.get("audience", "").strip() or props.get("token.endpoint", "").strip()):
+        missing.append("audience (Maskinporten's issuer URL, or token.endpoint)")
+    if missing:
+        raise ValueError(f"lacks {', '.join(missing)}; add it to the file and import again")
+
+
+def _shown(setting: str, value: str) -> str:
+    return "(set; a person id is not shown)" if setting == "pid" else _toml(value)
+
+
+def inline_keystore_path(name: str, kind: str | None) -> str:
+    """Where an inline keystore goes, relative to the config file."""
+    return f"keystores/{name}.{_EXTENSIONS.get(kind or '', 'keystore')}"
+
+
+def _keystore_settings(
+    props: Mapping[str, str], name: str, base: Path
+) -> tuple[dict[str, str], list[str]]:
+    value, declared = props["keystore.file"].strip(), props.get("keystore.type", "").strip()
+    kind = keystore_type(props, embedded_keystore(props))
+    if value.startswith("base64:"):
+        path = inline_keystore_path(name, kind)
+        notes = [f"keystore.file base64:… ({kind}) → keystore = {_toml(path)}, a 0600 file"]
+    else:
+        path = str(Path(value) if Path(value).is_absolute() else base / value)
+        notes = [f"keystore.file {value} → keystore = {_toml(path)}"]
+    if not declared:
+        notes.append("keystore.type not set (the Java tool assumed JKS): mpagent detects it")
+        return {"keystore": path}, notes
+    notes.append(f"keystore.type {declared} → keystore_type = {_toml(kind)}")
+    return {"keystore": path, "keystore_type": kind or ""}, notes
+
+
+def _passwords(props: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    passwords = {which: props[key] for which, (key, _) in _PASSWORDS.items() if props.get(key)}
+    if passwords.get("key") is not None and passwords.get("key") == passwords.get("keystore"):
+        del passwords["key"]  # the key password defaults to the keystore password
+        return passwords, ["keystore.alias.password equals keystore.password: stored once"]
+    return passwords, []
+
+
+def profile_name(name: str | None, path: Path) -> str:
+    """--profile, else the file name made into a profile name."""
+    if name is None:
+        return re.sub(r"[^A-Za-z0-9_-]+", "-", path.stem).strip("-") or "imported"
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ConfigError(f"--profile {name!r}: use letters, digits, '-' and '_' only")
+    return name
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+# -- the command
+
+
+def main(args: Any, out: TextIO) -> int:
+    source = Path(args.file)
+    config_path = Path(args.config or paths.config_file()).expanduser()
+    name = profile_name(args.profile, source)
+    props, block, passwords, notes = _read(source, name)
+    text = _combined(config_path, name, f"# imported from {source.name}\n{block}", source)
+    data = embedded_keystore(props)
+    keystore = config_path.parent / inline_keystore_path(name, keystore_type(props, data))
+    if data is not None:
+        _write_new_private(keystore, data)
+    try:
+        _replace_atomically(config_path, text)
+    except OSError as exc:
+        if data is not None:
+            keystore.unlink(missing_ok=True)
+        raise ConfigError(f"{config_path}: cannot write ({exc.strerror or exc})") from exc
+    out.write(f"mpagent: imported {source} as profile {name!r} into {config_path}\n")
+    out.writelines(f"  {note}\n" for note in notes)
+    out.writelines(f"  {line}\n" for line in store_passwords(name, passwords, source.name))
+    out.write(f"next: mpagent doctor --profile {name}\n")
+    return 0
+
+
+def _read(source: Path, name: str) -> tuple[dict[str, str], str, dict[str, str], list[str]]:
+    """The properties (ISO-8859-1, as Java reads them) and what `to_profile` makes of them."""
+    try:
+        props = parse_properties(source.read_bytes().decode("iso-8859-1"))
+        return props, *to_profile(props, name, base_dir=source.absolute().parent)
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read ({exc.strerror or exc})") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _combined(config_path: Path, name: str, block: str, source: Path) -> str:
+    """The config file's text with the profile appended, validated whole."""
+    try:
+        existing = config_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        existing = ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{config_path}: cannot read the configuration: {exc}") from exc
+    try:
+        profiles = tomllib.loads(existing).get("profiles", {})
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{config_path}: not valid TOML ({exc}); fix it first") from exc
+    if isinstance(profiles, dict) and name in profiles:
+        raise ConfigError(
+            f"{config_path}: a profile {name!r} exists already; choose another name:"
+            f" mpagent import-properties {source} --profile {name}-2"
+        )
+    gap = "\n" if existing.endswith("\n") else "\n\n"
+    text = existing + gap + block if existing else block
+    try:
+        config.parse(tomllib.loads(text), config_path)
+    except (ConfigError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{source}: not imported, the result would be invalid: {exc}") from exc
+    return text
+
+
+def _write_new_private(path: Path, data: bytes) -> None:
+    """A new 0600 file in a 0700 directory; an existing file is never overwritten."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise ConfigError(
+            f"{path} exists already; remove it, or import under another name with --profile"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write the keystore ({exc.strerror or exc})") from exc
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+        os.fsync(file.fileno())
+
+
+def _replace_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never a partial one."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def store_passwords(name: str, passwords: Mapping[str, str], source: str) -> list[str]:
+    """Into the OS keyring; without one, the environment variables to set (names only)."""
+    if not passwords:
+        return []
+    try:  # keyring.set_password behind passwords.py's boundary: every failure is one error
+        for which, password in passwords.items():
+            keyring_set(name, which, password)
+    except SecretUnavailable:
+        lines = [f"no usable OS keyring: set these (or later: mpagent secret set {name}):"]
+        for which in passwords:
+            key, env = _PASSWORDS[which]
+            lines.append(f"  export {env}=<the {key} from {source}>")
+        return lines
+    where = {which: f"({SERVICE}, {keyring_username(name, which)})" for which in passwords}
+    return [f"{_PASSWORDS[which][0]} → OS keyring {where[which]}" for which in passwords]
