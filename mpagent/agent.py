@@ -134,7 +134,11 @@ class Agent:
             return None
         from mpagent import bridge
 
-        return await bridge.start(self.cfg.bridge, self.refresher, self.io)
+        try:
+            return await bridge.start(self.cfg.bridge, self.refresher, self.io)
+        except MpagentError as exc:  # e.g. the port is taken: the socket still serves
+            log.error("the token bridge is off: %s", exc)
+            return None
 
     def _lock(self) -> int:
         """Single instance per socket: a lock held for the agent's life."""

@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 class FastGetArgs:
     """The attributes cmd_get reads, filled without argparse."""
 
-    config = profile = min_ttl = None
+    config: "str | None" = None
+    profile: "str | None" = None
+    min_ttl: "float | None" = None
     json = no_start = no_agent = False
 
     def __init__(self) -> None:

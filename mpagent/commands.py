@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--profile", "-p", help="name of the new profile (default: from the file name)")
 
+    p = command("bridge", cmd_bridge, "the token bridge for HTTP tools: make its client secret")
+    p.add_argument("action", choices=["secret"])
+    p.add_argument("--file", action="store_true", help="keep it in a 0600 file, not the keyring")
+    p = command("postman", cmd_postman, "write a Postman environment and collection for the bridge")
+    p.add_argument("--profile", "-p")
+    p.add_argument("--out", default=".", metavar="DIR", help="where to write (default: here)")
+
     command("demo", cmd_demo, "show mpagent working against the built-in emulator")
     return parser
 
@@ -237,3 +244,49 @@ def cmd_import_properties(args: argparse.Namespace) -> int:
     from mpagent import properties
 
     return properties.main(args, sys.stdout)
+
+
+def cmd_bridge(args: argparse.Namespace) -> int:
+    """`bridge secret`: stdout is the new secret alone, printed this once."""
+    from mpagent import bridge
+
+    cfg = load_config(args)
+    secret, where = bridge.SecretStore(cfg.bridge.secret_file).store_new(to_file=args.file)
+    sys.stdout.write(secret + "\n")
+    print(
+        f"mpagent: new bridge secret stored in {where}. Give it to the tool as client_secret "
+        "(client_id: a profile name). A running agent reads it only when it starts: "
+        "`mpagent stop`, then start it again.",
+        file=sys.stderr,
+    )
+    if cfg.bridge.listen is None:
+        print(
+            f'mpagent: the bridge is off; add [bridge] listen = "127.0.0.1:8765" to {cfg.path}',
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_postman(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mpagent import bridge, postman
+    from mpagent.errors import ConfigError
+
+    cfg = load_config(args)
+    profile = cfg.profile(profile_name(args))
+    if cfg.bridge.listen is None:
+        raise ConfigError(
+            f"{cfg.path}: the token bridge is off, and Postman gets its tokens from it; add "
+            '[bridge] with listen = "127.0.0.1:8765", restart the agent, run `mpagent bridge secret`'
+        )
+    url = bridge.token_url(cfg.bridge.listen)
+    documents = postman.documents(profile.name, url, profile.scopes[0])
+    for path in postman.write(Path(args.out), documents):
+        print(f"wrote {path}")
+    print(
+        "Import both into Postman, select the environment, and set client_secret (the output of "
+        "`mpagent bridge secret`) and base_url. newman: newman run COLLECTION -e ENVIRONMENT "
+        f'--folder "{postman.SCRIPT_FOLDER}" --env-var client_secret=... --env-var base_url=...'
+    )
+    return 0

@@ -46,21 +46,35 @@ def keyring_get(profile: str, which: str) -> str | None:
 
 def keyring_read(profile: str, which: str) -> str | None:
     """The stored password or None; raises SecretUnavailable when the keyring is unusable."""
-    with _keyring_boundary("read"):
-        return _backend().get_password(SERVICE, keyring_username(profile, which))
+    return stored(keyring_username(profile, which))
 
 
 def keyring_set(profile: str, which: str, password: str) -> None:
     """Store (or replace) the password; raises SecretUnavailable when the keyring is unusable."""
-    with _keyring_boundary("store"):
-        _backend().set_password(SERVICE, keyring_username(profile, which), password)
+    store(keyring_username(profile, which), password)
 
 
 def keyring_delete(profile: str, which: str) -> bool:
     """Remove the password; False when none was stored. Raises SecretUnavailable."""
+    return forget(keyring_username(profile, which))
+
+
+def stored(username: str) -> str | None:
+    """The secret kept under service "mpagent" and `username`, or None."""
+    with _keyring_boundary("read"):
+        value = _backend().get_password(SERVICE, username)
+        return None if value is None else str(value)
+
+
+def store(username: str, secret: str) -> None:
+    with _keyring_boundary("store"):
+        _backend().set_password(SERVICE, username, secret)
+
+
+def forget(username: str) -> bool:
+    """Remove the secret; False when none was stored."""
     with _keyring_boundary("delete"):
         backend = _backend()
-        username = keyring_username(profile, which)
         # Backends report "not found" and real failures with the same PasswordDeleteError,
         # so look first: a failure to delete an existing entry must not read as "none".
         if backend.get_password(SERVICE, username) is None:

@@ -10,12 +10,13 @@ from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
 log = logging.getLogger(__name__)
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, files: set[str], changed: Callable[[], None]) -> None:
+    def __init__(self, files: set[str], changed: Callable[[], object]) -> None:
         self.files, self.changed = files, changed
 
     def on_any_event(self, event: FileSystemEvent) -> None:
@@ -26,7 +27,7 @@ class _Handler(FileSystemEventHandler):
             self.changed()
 
 
-def watch(files: Iterable[Path], changed: Callable[[], None]) -> Observer:
+def watch(files: Iterable[Path], changed: Callable[[], object]) -> BaseObserver:
     """Start an observer that calls `changed` (from its own thread) when any file changes."""
     wanted = {os.path.abspath(f) for f in files}
     observer = Observer()

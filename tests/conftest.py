@@ -55,7 +55,7 @@ def home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         value.mkdir(mode=0o700, exist_ok=True)
         monkeypatch.setenv(name, str(value))
     for name in list(os.environ):
-        if name.startswith("MPAGENT_"):
+        if name.startswith("MPAGENT_") and name != "MPAGENT_REQUIRE_ALL":
             monkeypatch.delenv(name)
     yield root
     shutil.rmtree(root, ignore_errors=True)

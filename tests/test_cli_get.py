@@ -66,7 +66,9 @@ def test_jks_with_separate_key_password(
     config: Path, emulator: Emulator, leaf: pki.Issued, ca: pki.Issued
 ) -> None:
     """A JKS whose key password differs from the store password works with both set."""
-    ks = write_jks(config.parent / "ks.jks", {"auth": leaf}, PASSWORD, KEY_PASSWORD, ca_chain=[ca.cert])
+    ks = write_jks(
+        config.parent / "ks.jks", {"auth": leaf}, PASSWORD, KEY_PASSWORD, ca_chain=[ca.cert]
+    )
     write_config(config, {"dev": profile_for(emulator, ks, alias="AUTH")})
     env = {"MPAGENT_KEYSTORE_PASSWORD": PASSWORD, "MPAGENT_KEY_PASSWORD": KEY_PASSWORD}
     result = get(config, SCOPES[0], env=env)
@@ -165,7 +167,9 @@ def test_non_repudiation_certificate(
 def test_expired_certificate(config: Path, emulator: Emulator, ca: pki.Issued) -> None:
     """An expired certificate is caught before any request, with its dates."""
     now = dt.datetime.now(dt.UTC)
-    old = pki.make_leaf(ca, not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1))
+    old = pki.make_leaf(
+        ca, not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1)
+    )
     ks = write_pkcs12(config.parent / "old.p12", {"auth": old}, PASSWORD)
     write_config(config, {"dev": profile_for(emulator, ks)})
     result = get(config, SCOPES[0], env={"MPAGENT_KEYSTORE_PASSWORD": PASSWORD})
@@ -201,7 +205,9 @@ def test_untrusted_certificate(config: Path, p12: Path) -> None:
     with Emulator(clients={CLIENT_ID: SCOPES}, trust=[pki.make_ca("Other CA").cert]) as emu:
         write_config(config, {"dev": profile_for(emu, p12)})
         result = get(config, SCOPES[0], env={"MPAGENT_KEYSTORE_PASSWORD": PASSWORD})
-    assert_failed(result, 77, "MP-120", "invalid certificate", "test certificates work only in test")
+    assert_failed(
+        result, 77, "MP-120", "invalid certificate", "test certificates work only in test"
+    )
 
 
 def test_wrong_kid(config: Path, tmp_path: Path) -> None:
@@ -235,7 +241,9 @@ class _Metadata(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         host, port = self.server.server_address[:2]
-        body = json.dumps({"issuer": f"http://{host}:{port}/", "token_endpoint": self.token_endpoint})
+        body = json.dumps(
+            {"issuer": f"http://{host}:{port}/", "token_endpoint": self.token_endpoint}
+        )
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
@@ -256,7 +264,9 @@ def mismatched_issuer(emulator: Emulator) -> Iterator[str]:
     httpd.server_close()
 
 
-def test_wrong_audience(config: Path, emulator: Emulator, p12: Path, mismatched_issuer: str) -> None:
+def test_wrong_audience(
+    config: Path, emulator: Emulator, p12: Path, mismatched_issuer: str
+) -> None:
     """An environment whose metadata names another issuer than the token endpoint's: MP-110."""
     write_config(config, {"dev": {**profile_for(emulator, p12), "environment": mismatched_issuer}})
     result = get(config, SCOPES[0], env={"MPAGENT_KEYSTORE_PASSWORD": PASSWORD})
@@ -275,7 +285,9 @@ def test_wrong_audience(config: Path, emulator: Emulator, p12: Path, mismatched_
         ("drop", "cannot reach"),
     ],
 )
-def test_issuer_faults(config: Path, emulator: Emulator, p12: Path, fault: str, message: str) -> None:
+def test_issuer_faults(
+    config: Path, emulator: Emulator, p12: Path, fault: str, message: str
+) -> None:
     """Each fault kind: exit 75, empty stdout, the failure described."""
     write_config(config, {"dev": profile_for(emulator, p12)}, http={"read_timeout": 1})
     emulator.inject(fault)
@@ -286,7 +298,9 @@ def test_issuer_faults(config: Path, emulator: Emulator, p12: Path, fault: str, 
 def test_issuer_unreachable(config: Path, p12: Path) -> None:
     """Nothing listening at the issuer: exit 75."""
     write_config(config, {"dev": {**profile_for_stub(p12), "environment": "http://127.0.0.1:9/"}})
-    assert_failed(get(config, SCOPES[0], env={"MPAGENT_KEYSTORE_PASSWORD": PASSWORD}), 75, "cannot reach")
+    assert_failed(
+        get(config, SCOPES[0], env={"MPAGENT_KEYSTORE_PASSWORD": PASSWORD}), 75, "cannot reach"
+    )
 
 
 def profile_for_stub(keystore: Path) -> dict:
@@ -296,7 +310,9 @@ def profile_for_stub(keystore: Path) -> dict:
 def test_grant_command_prints_only_the_grant(config: Path, emulator: Emulator, p12: Path) -> None:
     """`mpagent grant` prints one signed grant with the documented claims, nothing else."""
     write_config(config, {"dev": profile_for(emulator, p12)})
-    result = run_cli("--config", str(config), "grant", SCOPES[0], env={"MPAGENT_KEYSTORE_PASSWORD": PASSWORD})
+    result = run_cli(
+        "--config", str(config), "grant", SCOPES[0], env={"MPAGENT_KEYSTORE_PASSWORD": PASSWORD}
+    )
     assert result.returncode == 0, result.stderr
     claims = claims_of(result.stdout.strip())
     assert set(claims) == {"aud", "iss", "iat", "exp", "jti", "scope"}

@@ -202,4 +202,4 @@ def test_bridge_settings(tmp_path: Path) -> None:
     assert load(tmp_path, {"p": BASE}, bridge={"listen": "[::1]:9"}).bridge.listen == ("::1", 9)
     assert load(tmp_path, {"p": BASE}).bridge.listen is None
     assert "not loopback" in error(tmp_path, {"p": BASE}, bridge={"listen": "0.0.0.0:8765"})
-    assert "write \"127.0.0.1:PORT\"" in error(tmp_path, {"p": BASE}, bridge={"listen": "8765"})
+    assert 'write "127.0.0.1:PORT"' in error(tmp_path, {"p": BASE}, bridge={"listen": "8765"})

@@ -1,0 +1,459 @@
+"""The token bridge: a real agent with [bridge] on an ephemeral loopback port, the real
+`mpagent bridge secret` CLI, the emulator behind it, and plain `requests` and raw sockets in
+front of it. The keyring is the "fail" backend here (never the developer's own keyring), so
+the secret lives in its 0600 file; one test uses a throwaway Secret Service instead."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from mpagent import bridge, config
+from mpagent.agent import load_sources
+from mpagent.config import BridgeSettings
+from mpagent.emulator import Emulator
+from mpagent.errors import ConfigError
+from mpagent.refresher import Refresher
+
+from .agentproc import AgentProcess, wait_for
+from .conftest import PASSWORD, SCOPES, profile_for, run_cli, write_config
+from .secret_service import SecretService, secret_service  # noqa: F401
+
+FAIL_KEYRING = "keyring.backends.fail.Keyring"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Running:
+    agent: AgentProcess
+    port: int
+    secret: str
+    config: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/token"
+
+    def post(self, form: dict[str, str], **kwargs: object) -> requests.Response:
+        return requests.post(self.url, data=form, timeout=10, **kwargs)  # type: ignore[arg-type]
+
+    def form(self, **extra: str) -> dict[str, str]:
+        base = {"grant_type": "client_credentials", "scope": SCOPES[0]}
+        return {**base, "client_id": "dev", "client_secret": self.secret, **extra}
+
+    def raw(self, data: bytes, *, wait: float = 10) -> bytes:
+        """Send bytes as they are; return everything the bridge answers until it closes."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=wait) as s:
+            s.sendall(data)
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+
+@pytest.fixture
+def bridge_env(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processes of this test use no real keyring, the keystore password, no autostart."""
+    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", FAIL_KEYRING)
+    monkeypatch.setenv("MPAGENT_KEYSTORE_PASSWORD", PASSWORD)
+    monkeypatch.setenv("MPAGENT_NO_AUTOSTART", "1")
+
+
+def bridge_config(path: Path, emulator: Emulator, p12: Path, port: int, **agent: object) -> Path:
+    profiles = {
+        "dev": profile_for(emulator, p12),
+        "multi": profile_for(emulator, p12, scopes=[SCOPES[1], SCOPES[2]]),
+    }
+    return write_config(
+        path,
+        profiles,
+        default_profile="dev",
+        agent={"log_level": "debug", **agent},
+        bridge={"listen": f"127.0.0.1:{port}"},
+    )
+
+
+def make_secret(cfg: Path) -> str:
+    result = run_cli("--config", str(cfg), "bridge", "secret", "--file")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def start_agent(cfg: Path, log: Path, port: int, secret: str = "") -> Running:
+    agent = AgentProcess(cfg, log).wait_ready()
+    wait_for(lambda: "token bridge for HTTP tools on" in agent.log())
+    return Running(agent, port, secret, cfg)
+
+
+@pytest.fixture
+def running(bridge_env: None, tmp_path: Path, emulator: Emulator, p12: Path) -> Iterator[Running]:
+    port = free_port()
+    cfg = bridge_config(tmp_path / "config.toml", emulator, p12, port)
+    run = start_agent(cfg, tmp_path / "agent.log", port, make_secret(cfg))
+    yield run
+    run.agent.stop()
+    assert run.secret not in run.agent.log() and "eyJ" not in run.agent.log()
+
+
+def error_of(response: requests.Response) -> tuple[int, str, str]:
+    body = response.json()
+    return response.status_code, body["error"], body["error_description"]
+
+
+def test_basic_auth_gets_the_agents_token(running: Running) -> None:
+    """HTTP Basic gets the agent's cached token as RFC 6749 JSON with Cache-Control: no-store."""
+    token = run_cli("get", SCOPES[0]).stdout.strip()
+    form = {"grant_type": "client_credentials", "scope": SCOPES[0]}
+    response = running.post(form, auth=("dev", running.secret))
+    assert response.status_code == 200, response.text
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers["Content-Type"].startswith("application/json")
+    body = response.json()
+    assert body["access_token"] == token and body["token_type"] == "Bearer"
+    assert body["scope"] == SCOPES[0] and 100 <= body["expires_in"] <= 120
+
+
+def test_form_auth_gets_the_same_token(running: Running) -> None:
+    """client_id and client_secret as form fields get the same token as HTTP Basic."""
+    basic = running.post({"grant_type": "client_credentials"}, auth=("dev", running.secret))
+    form = running.post(running.form())
+    assert form.status_code == 200 and basic.status_code == 200  # no scope: the one configured
+    assert form.json()["access_token"] == basic.json()["access_token"]
+
+
+def test_basic_and_form_credentials_must_agree(running: Running) -> None:
+    """Credentials repeated in the form next to HTTP Basic work if equal, else get 400."""
+    basic = ("dev", running.secret)
+    assert running.post(running.form(), auth=basic).status_code == 200
+    other = running.post(running.form(client_id="multi"), auth=basic)
+    assert error_of(other)[:2] == (400, "invalid_request")
+
+
+def test_wrong_secret_is_invalid_client(running: Running) -> None:
+    """A wrong secret, by Basic or by form, gets 401 invalid_client with a Basic challenge."""
+    for response in (
+        running.post(running.form(client_secret=running.secret[:-1] + "x")),
+        running.post({"grant_type": "client_credentials"}, auth=("dev", "nope")),
+    ):
+        assert error_of(response)[:2] == (401, "invalid_client")
+        assert response.headers["WWW-Authenticate"].startswith("Basic")
+        assert "access_token" not in response.text
+
+
+def test_missing_authentication_is_invalid_client(running: Running) -> None:
+    """No credentials, or a Bearer header instead of Basic, get 401 invalid_client."""
+    assert error_of(running.post({"grant_type": "client_credentials"}))[:2] == (
+        401,
+        "invalid_client",
+    )
+    bearer = running.post(
+        {"grant_type": "client_credentials"}, headers={"Authorization": "Bearer x"}
+    )
+    assert error_of(bearer)[:2] == (401, "invalid_client")
+
+
+def test_unknown_profile_is_invalid_client(running: Running) -> None:
+    """A client_id that names no profile gets 401 invalid_client naming the profiles."""
+    status, error, description = error_of(running.post(running.form(client_id="nope")))
+    assert (status, error) == (401, "invalid_client") and "dev" in description
+
+
+def test_host_that_is_not_loopback_is_refused(running: Running) -> None:
+    """DNS rebinding: a Host that is not localhost, 127.x or [::1] (any port) gets 421."""
+    for host in ("evil.example", f"evil.example:{running.port}", "127.0.0.1.nip.io", "0.0.0.0"):  # noqa: S104
+        response = running.post(running.form(), headers={"Host": host})
+        assert response.status_code == 421 and "access_token" not in response.text, host
+    for host in (f"localhost:{running.port}", "127.0.0.1", f"127.0.0.2:{running.port}"):
+        assert running.post(running.form(), headers={"Host": host}).status_code == 200, host
+
+
+def test_browser_requests_are_refused(running: Running) -> None:
+    """Any Origin or Sec-Fetch-* header means a browser: 403, even with the right secret."""
+    for headers in ({"Origin": "http://127.0.0.1"}, {"Origin": "null"}, {"Sec-Fetch-Mode": "cors"}):
+        response = running.post(running.form(), headers=headers)
+        assert response.status_code == 403 and "access_token" not in response.text
+        assert "Access-Control-Allow-Origin" not in response.headers
+
+
+def test_unsupported_grant_type(running: Running) -> None:
+    """Another grant_type is unsupported_grant_type; no grant_type is invalid_request."""
+    jwt_bearer = running.post(
+        running.form(grant_type="urn:ietf:params:oauth:grant-type:jwt-bearer")
+    )
+    assert error_of(jwt_bearer)[:2] == (400, "unsupported_grant_type")
+    form = running.form()
+    del form["grant_type"]
+    assert error_of(running.post(form))[:2] == (400, "invalid_request")
+
+
+def test_unknown_scope_carries_maskinporten_description(running: Running) -> None:
+    """A scope Maskinporten refuses is 400 invalid_scope with its description and code."""
+    status, error, description = error_of(running.post(running.form(scope="not:registered")))
+    assert (status, error) == (400, "invalid_scope")
+    assert "MP-200" in description and "not:registered" in description
+
+
+def test_no_scope_with_several_configured_is_invalid_scope(running: Running) -> None:
+    """No scope, and the profile configures several: 400 invalid_scope listing them."""
+    status, error, description = error_of(running.post(running.form(client_id="multi", scope="")))
+    assert (status, error) == (400, "invalid_scope") and SCOPES[1] in description
+
+
+def test_issuer_down_serves_the_cached_token(running: Running, emulator: Emulator) -> None:
+    """Maskinporten down: a cached token is still served, a cold scope gets 503."""
+    cached = running.post(running.form()).json()["access_token"]
+    emulator.inject("503", 1000)
+    again = running.post(running.form())
+    assert again.status_code == 200 and again.json()["access_token"] == cached
+    cold = running.post(running.form(client_id="multi", scope=SCOPES[2] + " " + SCOPES[1]))
+    assert error_of(cold)[:2] == (503, "temporarily_unavailable")
+    assert "503" in error_of(cold)[2]
+
+
+def test_wrong_method_and_path(running: Running) -> None:
+    """GET /token is 405 with Allow: POST; other paths are 404; a query string is 400."""
+    get = requests.get(running.url, timeout=10)
+    assert get.status_code == 405 and get.headers["Allow"] == "POST"
+    assert (
+        requests.post(running.url[:-5] + "/other", data=running.form(), timeout=10).status_code
+        == 404
+    )
+    assert running.post(running.form(), params={"scope": "x"}).status_code == 400
+
+
+def test_oversized_requests_are_refused(running: Running) -> None:
+    """A body over 64 KiB is 413 and a head over 16 KiB 431; the agent keeps serving."""
+    big = running.raw(
+        b"POST /token HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 70000\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n\r\n"
+    )
+    assert big.startswith(b"HTTP/1.1 413 ")
+    huge = running.raw(b"POST /token HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 20000)
+    assert huge.startswith(b"HTTP/1.1 431 ")
+    assert running.post(running.form(pad="a" * 60_000)).status_code == 200  # under the cap
+    assert run_cli("get", SCOPES[0]).returncode == 0
+
+
+def test_malformed_requests_get_400s(running: Running) -> None:
+    """Malformed, chunked or truncated requests get a 4xx, never a token; serving goes on."""
+    head = b"POST /token HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    form = b"Content-Type: application/x-www-form-urlencoded\r\n"
+    cases = {
+        b"\xff\xfe garbage\r\n\r\n": b"400",
+        head + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n": b"411",
+        head + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\nab": b"400",
+        head + form + b"Content-Length: 1000\r\n\r\nshort": b"400",
+        head + b"Content-Length: 4\r\nContent-Type: application/json\r\n\r\n{}{}": b"400",
+        head + b"Bad Header: x\r\n\r\n": b"400",
+    }
+    for request, status in cases.items():
+        data = running.raw(request) if b"short" not in request else _half_closed(running, request)
+        assert data.startswith(b"HTTP/1.1 " + status), (request, data)
+        assert b"access_token" not in data
+    assert running.post(running.form()).status_code == 200
+
+
+def _half_closed(running: Running, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", running.port), timeout=10) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        return s.recv(65536)
+
+
+def test_no_secret_every_request_is_refused_with_the_hint(
+    bridge_env: None, tmp_path: Path, emulator: Emulator, p12: Path
+) -> None:
+    """No secret: the agent logs an error and every request gets 401 naming `bridge secret`."""
+    port = free_port()
+    cfg = bridge_config(tmp_path / "config.toml", emulator, p12, port)
+    run = start_agent(cfg, tmp_path / "agent.log", port)
+    try:
+        response = run.post(run.form(client_secret="anything"))
+        status, error, description = error_of(response)
+        assert (status, error) == (401, "invalid_client") and "mpagent bridge secret" in description
+        assert "ERROR" in run.agent.log() and "mpagent bridge secret" in run.agent.log()
+        assert run_cli("get", SCOPES[0]).returncode == 0  # the agent itself is fine
+    finally:
+        run.agent.stop()
+
+
+def test_secret_file_open_to_others_is_refused(
+    bridge_env: None, tmp_path: Path, emulator: Emulator, p12: Path
+) -> None:
+    """A secret file others can read is not used: logged, and requests get 401."""
+    port = free_port()
+    cfg = bridge_config(tmp_path / "config.toml", emulator, p12, port)
+    secret = make_secret(cfg)
+    secret_file = Path(os.environ["XDG_CONFIG_HOME"]) / "mpagent" / "bridge.secret"
+    secret_file.chmod(0o644)
+    run = start_agent(cfg, tmp_path / "agent.log", port, secret)
+    try:
+        assert run.post(run.form()).status_code == 401
+        assert "not a private file" in run.agent.log()
+    finally:
+        run.agent.stop()
+
+
+def test_bridge_secret_cli_writes_a_private_file(bridge_env: None, tmp_path: Path) -> None:
+    """`bridge secret` prints only a new secret and keeps it in a 0600 file (no keyring)."""
+    cfg = write_config(
+        tmp_path / "config.toml",
+        {"dev": {"environment": "test", "client_id": "x", "scopes": ["s"], "keystore": "k.p12"}},
+    )
+    first, second = make_secret(cfg), make_secret(cfg)
+    secret_file = Path(os.environ["XDG_CONFIG_HOME"]) / "mpagent" / "bridge.secret"
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    assert secret_file.read_text() == second + "\n" and first != second
+    assert len(second) >= 43 and second.replace("-", "").replace("_", "").isalnum()
+    without_file = run_cli("--config", str(cfg), "bridge", "secret")  # no keyring: the file
+    assert without_file.returncode == 0 and "not usable" in without_file.stderr
+    assert secret_file.read_text() == without_file.stdout
+
+
+@pytest.mark.keyring
+def test_bridge_secret_in_the_keyring(
+    secret_service: SecretService,  # noqa: F811
+    bridge_env: None,
+    tmp_path: Path,
+    emulator: Emulator,
+    p12: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`bridge secret` keeps it in the keyring, the agent uses it; `--file` empties the keyring."""
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", secret_service.address)
+    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.SecretService.Keyring")
+    secret_service.clear()
+    port = free_port()
+    cfg = bridge_config(tmp_path / "config.toml", emulator, p12, port)
+    result = run_cli("--config", str(cfg), "bridge", "secret")
+    assert result.returncode == 0 and "OS keyring" in result.stderr
+    secret = result.stdout.strip()
+    assert secret_service.stored("bridge") == secret
+    run = start_agent(cfg, tmp_path / "agent.log", port, secret)
+    try:
+        assert run.post(run.form()).status_code == 200
+        assert "secret stored in the OS keyring" in run.agent.log()
+    finally:
+        run.agent.stop()
+    make_secret(cfg)
+    assert secret_service.stored("bridge") is None
+    secret_service.clear()
+
+
+def test_secret_and_tokens_never_logged(running: Running) -> None:
+    """At debug level the agent log holds neither the bridge secret nor any token."""
+    tokens = [running.post(running.form()).json()["access_token"] for _ in range(3)]
+    running.post(running.form(client_secret="wrong-" + running.secret))
+    basic = base64.b64encode(f"dev:{running.secret}".encode()).decode()
+    running.post({"grant_type": "password"}, headers={"Authorization": f"Basic {basic}"})
+    log = running.agent.log()
+    assert "bridge: 401 invalid_client" in log and "bridge: token …" in log
+    for secret in (running.secret, running.secret[:12], running.secret[-12:], basic, *tokens):
+        assert secret not in log
+    assert "eyJ" not in log
+
+
+def test_start_refuses_a_non_loopback_address() -> None:
+    """bridge.start checks again: a non-loopback listen address is a ConfigError."""
+    for host in ("0.0.0.0", "192.0.2.1", "example.org"):  # noqa: S104
+        with pytest.raises(ConfigError, match="listen"):
+            asyncio.run(bridge.start(BridgeSettings((host, 8765)), None, None))  # type: ignore[arg-type]
+
+
+def test_slow_client_times_out_and_others_are_served(
+    bridge_env: None, tmp_path: Path, emulator: Emulator, p12: Path
+) -> None:
+    """A client that never finishes gets 408 after the read timeout; others are served meanwhile."""
+    port = free_port()
+    cfg = config.load(bridge_config(tmp_path / "config.toml", emulator, p12, port))
+    secret = make_secret(cfg.path)
+    done: dict[str, object] = {}
+
+    def clients() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(b"POST /token HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n")
+            started = time.monotonic()
+            form = {"grant_type": "client_credentials", "client_id": "dev", "client_secret": secret}
+            done["other"] = requests.post(f"http://127.0.0.1:{port}/token", data=form, timeout=5)
+            done["slow"] = slow.recv(65536)
+            done["waited"] = time.monotonic() - started
+
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool, ThreadPoolExecutor(1) as io:
+            refresher = Refresher(pool)
+            refresher.set_sources(load_sources(cfg, strict=True), cfg.default_profile)
+            server = await bridge.start(cfg.bridge, refresher, io, read_timeout=1.0)
+            try:
+                await asyncio.to_thread(clients)
+            finally:
+                server.close()
+
+    asyncio.run(main())
+    assert done["other"].status_code == 200  # type: ignore[attr-defined]
+    assert done["slow"].startswith(b"HTTP/1.1 408 ")  # type: ignore[attr-defined]
+    assert 0.8 < done["waited"] < 5  # type: ignore[operator]
+
+
+def test_postman_files(bridge_env: None, tmp_path: Path, emulator: Emulator, p12: Path) -> None:
+    """`mpagent postman` writes an environment and a v2.1 collection with both bridge variants."""
+    port = free_port()
+    cfg = bridge_config(tmp_path / "config.toml", emulator, p12, port)
+    out = tmp_path / "postman"
+    result = run_cli("--config", str(cfg), "postman", "--profile", "dev", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    env_file = out / "mpagent-dev.postman_environment.json"
+    coll_file = out / "mpagent-dev.postman_collection.json"
+    assert f"wrote {env_file}" in result.stdout and f"wrote {coll_file}" in result.stdout
+    env = {v["key"]: v for v in json.loads(env_file.read_text())["values"]}
+    assert env["token_url"]["value"] == f"http://127.0.0.1:{port}/token"
+    assert env["client_id"]["value"] == "dev" and env["scope"]["value"] == SCOPES[0]
+    assert (
+        env["client_secret"]["type"] == "secret"
+        and "mpagent bridge secret" in env["client_secret"]["value"]
+    )
+    coll = json.loads(coll_file.read_text())
+    assert coll["info"]["schema"].endswith("/v2.1.0/collection.json")
+    oauth2 = {p["key"]: p["value"] for p in coll["auth"]["oauth2"]}
+    assert (
+        oauth2["grant_type"] == "client_credentials" and oauth2["accessTokenUrl"] == "{{token_url}}"
+    )
+    folders = {folder["name"]: folder for folder in coll["item"]}
+    script = folders["Pre-request script (Postman and newman)"]
+    assert script["auth"]["type"] == "bearer"
+    assert "pm.sendRequest" in "\n".join(script["event"][0]["script"]["exec"])
+    off = write_config(tmp_path / "off.toml", {"dev": profile_for(emulator, p12)})
+    refused = run_cli("--config", str(off), "postman", "--out", str(out))
+    assert refused.returncode == 78 and "[bridge]" in refused.stderr
+
+
+def test_concurrent_requests_share_one_token(running: Running) -> None:
+    """Twenty simultaneous requests for a cold scope all get the same single token."""
+    results: list[requests.Response] = []
+    form = running.form(client_id="multi", scope=SCOPES[2])
+    threads = [
+        threading.Thread(target=lambda: results.append(running.post(form))) for _ in range(20)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.status_code == 200 for r in results)
+    assert len({r.json()["access_token"] for r in results}) == 1
