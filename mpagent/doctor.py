@@ -27,6 +27,7 @@ from mpagent.keys import (
     SigningKey,
     certificate_warning,
     days_left,
+    describe,
     load_signing_key,
 )
 from mpagent.passwords import ProfilePasswords
@@ -111,11 +112,7 @@ def check_keystore(
 
 
 def _keystore_rows(key: SigningKey) -> list[Result]:
-    leaf = (
-        f"certificate {key.chain[0].subject.rfc4514_string()}"
-        if key.chain
-        else "no certificate (kid mode)"
-    )
+    leaf = f"certificate {describe(key.chain[0])}" if key.chain else "no certificate (kid mode)"
     entry = f"{key.source}: RSA {key.private_key.key_size} bit, {key.fingerprint}"
     opened = key.source.split(" (entry")[0]
     return [ok(KEYSTORE_ROWS[0], opened), ok(KEYSTORE_ROWS[1], entry), ok(KEYSTORE_ROWS[2], leaf)]
@@ -140,7 +137,7 @@ def check_key_usage(key: SigningKey, other_aliases: Sequence[str] = ()) -> Resul
     if usage.digital_signature:
         return ok(title, "digitalSignature")
     detail = (
-        f"the certificate ({leaf.subject.rfc4514_string()}) lacks digitalSignature: it is the"
+        f"the certificate ({describe(leaf)}) lacks digitalSignature: it is the"
         " non-repudiation (signing) certificate, which Maskinporten does not accept"
     )
     others = ", ".join(repr(a) for a in other_aliases)

@@ -24,6 +24,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import NameOID
 
 from mpagent.errors import KeystoreError, SecretUnavailable
 
@@ -228,7 +229,7 @@ def _match(
         return ()
     leaf = _leaf_of(key, certs)
     if leaf is None:
-        subject = certs[0].subject.rfc4514_string()
+        subject = describe(certs[0])
         raise _fail(source, "key_certificate_mismatch", origin=origin, subject=subject)
     return certs if leaf is certs[0] else _order_chain(leaf, certs)
 
@@ -259,7 +260,7 @@ def _check_for_x5c(
 ) -> None:
     if not chain:
         raise _fail(source, "no_certificate")
-    leaf, subject = chain[0], chain[0].subject.rfc4514_string()
+    leaf, subject = chain[0], describe(chain[0])
     usage: x509.KeyUsage | None
     try:
         usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
@@ -485,7 +486,7 @@ def certificate_warning(key: SigningKey, now: dt.datetime | float) -> str | None
     if not key.chain or days_left(key, now) > EXPIRY_WARNING_DAYS:
         return None
     days, end = days_left(key, now), key.chain[0].not_valid_after_utc
-    subject = key.chain[0].subject.rfc4514_string()
+    subject = describe(key.chain[0])
     if days <= 0:
         return f"the certificate ({subject}) expired on {end:%Y-%m-%d}"
     return f"the certificate ({subject}) expires in {days} days, on {end:%Y-%m-%d}"
@@ -496,3 +497,18 @@ def days_left(key: SigningKey, now: dt.datetime | float) -> int:
         now = dt.datetime.fromtimestamp(now, dt.UTC)
     left = key.chain[0].not_valid_after_utc - now
     return math.ceil(left.total_seconds() / 86400)
+
+
+def describe(cert: x509.Certificate) -> str:
+    """A certificate as people know it: its common name and organisation number, instead of
+    a full RFC 4514 subject with raw OIDs."""
+    subject = cert.subject
+    names = [str(a.value) for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    numbers = [str(a.value) for a in subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)]
+    numbers += [
+        str(a.value).removeprefix("NTRNO-")
+        for a in subject.get_attributes_for_oid(NameOID.ORGANIZATION_IDENTIFIER)
+    ]
+    name = names[0] if names else subject.rfc4514_string()
+    org = next((n for n in numbers if n.isdigit() and len(n) == 9), None)
+    return f"{name}, org. no. {org}" if org else name

@@ -318,3 +318,63 @@ def test_grant_command_prints_only_the_grant(config: Path, emulator: Emulator, p
     assert set(claims) == {"aud", "iss", "iat", "exp", "jti", "scope"}
     assert claims["aud"] == emulator.issuer and claims["exp"] - claims["iat"] == 120
     assert emulator.token_requests == 0
+
+
+def _mistake(case: str, tmp: Path, ca: pki.Issued, leaf: pki.Issued) -> tuple[Path, dict, dict]:
+    """A keystore with one classic mistake: (keystore, extra profile keys, environment)."""
+    store_only = {"MPAGENT_KEYSTORE_PASSWORD": PASSWORD}
+    if case == "wrong key password":
+        ks = write_jks(tmp / "k.jks", {"auth": leaf}, PASSWORD, KEY_PASSWORD)
+        return ks, {}, {**store_only, "MPAGENT_KEY_PASSWORD": "not-the-key-pw"}
+    if case == "alias not found":
+        ks = write_jks(tmp / "k.jks", {"auth": leaf}, PASSWORD, PASSWORD)
+        return ks, {"alias": "signing"}, store_only
+    if case == "trusted certificate alias":
+        ks = write_jks(
+            tmp / "k.jks", {"auth": leaf}, PASSWORD, PASSWORD, trusted={"rootca": ca.cert}
+        )
+        return ks, {"alias": "rootca"}, store_only
+    if case == "key and certificate do not match":
+        key = write_pem(tmp / "key.pem", leaf)
+        other = write_cert_pem(tmp / "other.pem", [pki.make_leaf(ca).cert])
+        return key, {"certificate": other}, {}
+    if case == "several keys, no alias":
+        ks = write_jks(
+            tmp / "k.jks", {"auth": leaf, "auth2": pki.make_leaf(ca)}, PASSWORD, PASSWORD
+        )
+        return ks, {}, store_only
+    assert case == "not yet valid"
+    now = dt.datetime.now(dt.UTC)
+    future = pki.make_leaf(
+        ca, not_before=now + dt.timedelta(days=2), not_after=now + dt.timedelta(days=9)
+    )
+    return write_pkcs12(tmp / "f.p12", {"auth": future}, PASSWORD), {}, store_only
+
+
+@pytest.mark.parametrize(
+    ("case", "fragments"),
+    [
+        ("wrong key password", ["key password", "mpagent secret set dev --key"]),
+        ("alias not found", ["'signing'", "'auth'"]),
+        ("trusted certificate alias", ["'rootca'", "trusted certificate", "'auth'"]),
+        ("key and certificate do not match", ["does not belong to the private key"]),
+        ("several keys, no alias", ["'auth'", "'auth2'", "alias"]),
+        ("not yet valid", ["not valid until", "clock"]),
+    ],
+)
+def test_keystore_mistakes_through_the_cli(
+    case: str,
+    fragments: list[str],
+    config: Path,
+    emulator: Emulator,
+    ca: pki.Issued,
+    leaf: pki.Issued,
+) -> None:
+    """Each classic keystore mistake: exit 78, empty stdout, a message naming the keystore
+    and the fix, no password in it, and no request sent."""
+    keystore, extra, env = _mistake(case, config.parent, ca, leaf)
+    write_config(config, {"dev": profile_for(emulator, keystore, **extra)})
+    result = get(config, SCOPES[0], env=env)
+    assert_failed(result, 78, str(keystore), *fragments)
+    assert PASSWORD not in result.stderr and "not-the-key-pw" not in result.stderr
+    assert emulator.token_requests == 0
