@@ -78,6 +78,7 @@ class Agent:
         lock = self._lock()
         try:
             listener = self._open_listener()
+            await loop.run_in_executor(self.io, self._prepare_env_file)
             sources = await loop.run_in_executor(
                 self.io, lambda: load_sources(self.cfg, strict=False, interactive=os.isatty(0))
             )
@@ -263,6 +264,10 @@ class Agent:
 
     # -- env file ------------------------------------------------------------------------
 
+    def _prepare_env_file(self) -> None:
+        """Before the first write: remove temp files a killed agent left (they hold tokens)."""
+        envfile.remove_leftovers(self.env_path)
+
     def _env_changed(self) -> None:
         self._env_dirty = True
         if self._env_task is None or self._env_task.done():
@@ -272,9 +277,10 @@ class Agent:
         loop = asyncio.get_running_loop()
         while self._env_dirty:
             self._env_dirty = False
-            content = envfile.render(self._env_tokens())
-            if content == self._env_written:
-                continue
+            tokens = self._env_tokens()
+            content = envfile.render(tokens)
+            if content == self._env_written or (not tokens and self._env_written is None):
+                continue  # nothing new; and a crashed agent's file keeps its tokens until ours
             try:
                 await loop.run_in_executor(self.io, envfile.write_atomic, self.env_path, content)
                 self._env_written = content

@@ -31,8 +31,8 @@ def log_path() -> Path:
 def answers(socket_path: str) -> bool:
     try:
         client.connect(socket_path, 2.0).close()
-    except AgentNotRunning:
-        return False
+    except AgentNotRunning as exc:
+        return bool(exc.details.get("connected"))  # busy counts as there
     return True
 
 

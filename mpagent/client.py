@@ -4,6 +4,7 @@
 
 import _socket
 import sys
+import time
 
 from mpagent import protocol
 from mpagent.errors import AgentNotRunning, MpagentError, ProtocolError
@@ -31,18 +32,37 @@ def connect(address: str, timeout: float) -> "Channel":
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(address)
+        _connect_patiently(sock, address, timeout)
     except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
         sock.close()
         raise AgentNotRunning(
             f"no agent is listening on {address}; start one with `mpagent agent`"
         ) from exc
+    except TimeoutError:
+        sock.close()
+        raise AgentNotRunning(
+            f"the agent at {address} is too busy to accept within {timeout:g} s", connected=True
+        ) from None
     except OSError as exc:
         sock.close()
         raise AgentNotRunning(
             f"cannot connect to the agent at {address}: {exc.strerror or exc}"
         ) from exc
     return sock
+
+
+def _connect_patiently(sock: "_socket.socket", address: str, timeout: float) -> None:
+    """A full listen backlog (EAGAIN) means a busy agent, not a missing one: retry until
+    the timeout instead of reporting "no agent" (which would start a second one)."""
+    give_up = time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(address)
+            return
+        except BlockingIOError:
+            if time.monotonic() > give_up:
+                raise TimeoutError from None
+            time.sleep(0.005)
 
 
 def call(

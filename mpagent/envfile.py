@@ -7,12 +7,15 @@ RFC 6750 b64token characters (checked by the agent before they get here), so no 
 
 from __future__ import annotations
 
+import glob
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 PREFIX = "MASKINPORTEN_TOKEN_"
+TEMP_SUFFIX = ".tmp"
 # Never an empty file: readers that treat empty as broken see this line at least.
 HEADER = "# Maskinporten access tokens kept fresh by mpagent; rewritten on every refresh"
 
@@ -36,11 +39,13 @@ def render(tokens: Iterable[tuple[str, str, float]]) -> str:
 def write_atomic(path: Path, content: str) -> None:
     """Readers see the old file or the new one, never a partial one; mode 0600 from the
     moment the temp file exists, whatever the umask or the old file's mode."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    # mkstemp: a random name (a killed writer's leftover cannot block us, even with our
+    # pid), O_EXCL, O_NOFOLLOW, created 0600 (less only under a umask that strips the owner).
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    tmp = Path(name)
     try:
-        if hasattr(os, "fchmod"):  # not on Windows, where the profile directory's ACL rules
-            os.fchmod(fd, 0o600)  # O_CREAT's mode is filtered by the umask; fchmod is not.
+        if hasattr(os, "fchmod"):  # the umask cannot take the owner's rights away either
+            os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             fd = -1
             f.write(content)
@@ -53,6 +58,13 @@ def write_atomic(path: Path, content: str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def remove_leftovers(path: Path) -> None:
+    """Temp files of a writer that was killed mid-write: they hold tokens, so remove them.
+    Only for a single writer (the agent, under its lock)."""
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -29,6 +29,11 @@ class MpagentError(Exception):
         self.message = message
         self.details = details
 
+    def again(self) -> "MpagentError":
+        """A new instance with the same class, message and details. Raising one stored
+        exception over and over grows its traceback (and the frames it keeps) each time."""
+        return type(self)(self.message, **self.details)
+
     def to_wire(self) -> "dict[str, Any]":
         return {**self.details, "kind": self.kind, "message": self.message}
 

@@ -15,7 +15,9 @@ def ensure_private_dir(path: Path) -> None:
     """Create `path` 0700 (at mkdir time, never chmod afterwards), or accept an existing
     one only if it is ours and closed to others. On Windows the per-user profile
     directories are already closed to other users by their ACLs."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # mkdir(parents=True) would create missing ancestors with the umask's mode; make each 0700.
+    for ancestor in reversed([p for p in path.parents if not p.exists()]):
+        ancestor.mkdir(mode=0o700, exist_ok=True)
     if sys.platform == "win32":
         path.mkdir(exist_ok=True)
         return

@@ -181,7 +181,9 @@ class Refresher:
                 assert entry.token is not None
                 return entry.token
             if entry.source.exchange is None:
-                raise entry.error or ConfigError(f"profile {entry.key.profile} is not usable")
+                raise (
+                    entry.error or ConfigError(f"profile {entry.key.profile} is not usable")
+                ).again()
             if entry.inflight is None:
                 retry_at = entry.retry_at or now
                 if retry_at > now:
@@ -208,7 +210,7 @@ class Refresher:
         configuration error or a retry beyond its patience fails it with the last error."""
         transient = isinstance(entry.error, IssuerUnavailable)
         if entry.error is not None and (not transient or retry_at > give_up_at):
-            raise entry.error
+            raise entry.error.again()
 
     def _entry(self, profile: str | None, scopes: list[str]) -> Entry:
         source = self.source(profile)

@@ -27,6 +27,7 @@ from mpagent.private import ensure_private_dir
 log = logging.getLogger(__name__)
 
 READ_TIMEOUT = 5.0
+BACKLOG = 1024  # bursts of short-lived clients queue here rather than being refused
 # sockaddr_un.sun_path: 108 bytes on Linux, 104 on macOS and the BSDs, including the NUL.
 MAX_SOCKET_PATH = 103 if sys.platform != "linux" else 107
 
@@ -59,7 +60,7 @@ def bind_private(path: Path) -> socket.socket:
         raise
     finally:
         os.umask(old)
-    sock.listen(1024)
+    sock.listen(BACKLOG)
     return sock
 
 
@@ -152,7 +153,7 @@ class UnixListener:
     async def start(self, handler: Handler) -> None:
         uid = os.getuid()
         self._server = await asyncio.get_running_loop().create_unix_server(
-            lambda: Connection(handler, uid, self.live), sock=self.sock
+            lambda: Connection(handler, uid, self.live), sock=self.sock, backlog=BACKLOG
         )
 
     def close(self) -> None:

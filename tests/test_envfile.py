@@ -81,3 +81,29 @@ def test_reader_never_sees_partial_file(tmp_path: Path) -> None:
         for v in versions:
             envfile.write_atomic(path, v)
     assert reader.returncode == 0
+
+
+def test_leftover_temp_file_does_not_block_writes(tmp_path: Path) -> None:
+    """A killed writer's temp file (even one named with our pid) neither blocks the next
+    write nor survives remove_leftovers, since it holds tokens."""
+    path = tmp_path / "t.env"
+    leftover = tmp_path / f".t.env.{os.getpid()}.tmp"
+    leftover.write_text("T=half-written")
+    envfile.write_atomic(path, "new\n")
+    assert path.read_text() == "new\n"
+    envfile.remove_leftovers(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["t.env"]
+
+
+def test_private_dir_ancestors_are_private_under_umask_000(tmp_path: Path) -> None:
+    """Missing ancestors of a private directory are created 0700 too, whatever the umask."""
+    from mpagent.private import ensure_private_dir
+
+    target = tmp_path / "a" / "b" / "run"
+    old = os.umask(0)
+    try:
+        ensure_private_dir(target)
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "a", tmp_path / "a" / "b", target):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d

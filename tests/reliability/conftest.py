@@ -1,0 +1,40 @@
+"""The reliability cases' numbers (requests served, failures, latency, memory) are collected
+here and shown at the end of the run, for docs/RELIABILITY.md. Set MPAGENT_RELIABILITY_JSON
+to a path to also get them as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+RESULTS = pytest.StashKey[dict[str, dict[str, Any]]]()
+
+
+@pytest.fixture
+def report(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """report(name=value, ...) records numbers under the test's name."""
+    results = request.config.stash.setdefault(RESULTS, {})
+    numbers = results.setdefault(request.node.name, {})
+    return numbers.update
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    results = config.stash.get(RESULTS, {})
+    if not results:
+        return
+    terminalreporter.section("reliability results")
+    for name, numbers in results.items():
+        shown = ", ".join(f"{k}={_show(v)}" for k, v in numbers.items())
+        terminalreporter.write_line(f"{name}: {shown}")
+    path = os.environ.get("MPAGENT_RELIABILITY_JSON")
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+
+
+def _show(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
