@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
-
 from mpagent import pki
 from mpagent.emulator import Emulator
 
@@ -60,13 +58,7 @@ class Stack:
         run.mkdir(mode=0o700)
         password = secrets.token_urlsafe(16)
         ca = pki.make_ca()
-        leaf = pki.make_leaf(ca)
-        keystore = conf / "virksomhet.p12"
-        keystore.write_bytes(
-            pkcs12.serialize_key_and_certificates(
-                b"auth", leaf.key, leaf.cert, [ca.cert], BestAvailableEncryption(password.encode())
-            )
-        )
+        keystore = pki.write_pkcs12(conf / "virksomhet.p12", pki.make_leaf(ca), ca, password)
         self.issue_log = IssueLog()
         emulator_log = logging.getLogger("mpagent.emulator")
         emulator_log.setLevel(logging.INFO)

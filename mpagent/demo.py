@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
-
 from mpagent import pki
 from mpagent.emulator import Emulator
 
@@ -43,13 +41,7 @@ def _run(work: Path, out: TextIO) -> int:
     os.chmod(work, 0o700)
     password = secrets.token_urlsafe(16)
     ca = pki.make_ca()
-    leaf = pki.make_leaf(ca)
-    keystore = work / "virksomhet.p12"
-    keystore.write_bytes(
-        pkcs12.serialize_key_and_certificates(
-            b"auth", leaf.key, leaf.cert, [ca.cert], BestAvailableEncryption(password.encode())
-        )
-    )
+    keystore = pki.write_pkcs12(work / "virksomhet.p12", pki.make_leaf(ca), ca, password)
     with Emulator(clients={CLIENT_ID: [SCOPE]}, trust=[ca.cert], token_lifetime=LIFETIME) as emu:
         config = work / "config.toml"
         env_file = work / "tokens.env"

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
 from cryptography.x509.oid import NameOID
 
 TEST_ORG_NUMBER = "999999999"
@@ -87,6 +89,15 @@ def make_leaf(
         .sign(ca.key, hashes.SHA256())
     )
     return Issued(key, cert)
+
+
+def write_pkcs12(path: Path, leaf: Issued, ca: Issued, password: str) -> Path:
+    """A PKCS#12 keystore the way business certificates come: key, certificate, CA."""
+    encryption = BestAvailableEncryption(password.encode())
+    path.write_bytes(
+        pkcs12.serialize_key_and_certificates(b"auth", leaf.key, leaf.cert, [ca.cert], encryption)
+    )
+    return path
 
 
 def _key_usage(

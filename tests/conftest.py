@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
 
 from mpagent import pki
 from mpagent.emulator import Emulator
@@ -63,13 +62,7 @@ def home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 @pytest.fixture
 def p12(tmp_path: Path, leaf: pki.Issued, ca: pki.Issued) -> Path:
-    path = tmp_path / "virksomhet.p12"
-    path.write_bytes(
-        pkcs12.serialize_key_and_certificates(
-            b"auth", leaf.key, leaf.cert, [ca.cert], BestAvailableEncryption(PASSWORD.encode())
-        )
-    )
-    return path
+    return pki.write_pkcs12(tmp_path / "virksomhet.p12", leaf, ca, PASSWORD)
 
 
 def write_config(path: Path, profiles: dict[str, dict[str, Any]], **top: Any) -> Path:
