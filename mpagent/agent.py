@@ -22,7 +22,7 @@ from typing import Any
 
 from mpagent import __version__, config, envfile, paths, protocol, server
 from mpagent.config import Config
-from mpagent.errors import AlreadyRunning, MpagentError, ProtocolError
+from mpagent.errors import AlreadyRunning, ConfigError, MpagentError, ProtocolError
 from mpagent.exchange import open_exchange
 from mpagent.keys import certificate_warning
 from mpagent.passwords import ProfilePasswords
@@ -34,6 +34,7 @@ log = logging.getLogger("mpagent")
 RELOAD_DEBOUNCE = 0.3
 SD_LISTEN_FDS_START = 3
 DRAIN_TIMEOUT = 10.0
+QUEUED_CLIENTS_WAIT = 0.5
 
 
 def load_sources(cfg: Config, *, strict: bool, interactive: bool = False) -> dict[str, Source]:
@@ -362,6 +363,29 @@ def inherited_listener() -> socket.socket | None:
     return sock
 
 
+def refuse_queued_clients(exc: MpagentError) -> None:
+    """Under socket activation the clients that made systemd start us wait in the inherited
+    socket's queue; answer them with the error at once instead of leaving them to time out.
+    (With RestartPreventExitStatus=78 the next `get` starts us again and gets the same.)"""
+    sock = inherited_listener()
+    if sock is None:
+        return
+    sock.settimeout(QUEUED_CLIENTS_WAIT)
+    with sock:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:  # nobody else is waiting
+                return
+            with conn:
+                if server.peer_uid(conn) != os.getuid():
+                    continue
+                conn.settimeout(QUEUED_CLIENTS_WAIT)
+                with contextlib.suppress(OSError):
+                    conn.recv(protocol.MAX_REQUEST)
+                    conn.sendall(server.error_reply(exc))
+
+
 def notify(message: str) -> None:
     """sd_notify(3): tell systemd about our state when it asked (NOTIFY_SOCKET)."""
     address = os.environ.get("NOTIFY_SOCKET")
@@ -375,7 +399,11 @@ def notify(message: str) -> None:
 
 def run(config_path: str | None) -> int:
     """`mpagent agent`: load the configuration (exit 78 if it is wrong), then serve."""
-    cfg = config.load(config_path)
+    try:
+        cfg = config.load(config_path)
+    except ConfigError as exc:
+        refuse_queued_clients(exc)
+        raise
     handler = logging.StreamHandler()
     handler.setFormatter(JournalFormatter() if os.environ.get("JOURNAL_STREAM") else PLAIN)
     logging.basicConfig(

@@ -177,3 +177,29 @@ def test_listen_pid_of_another_process_is_ignored(
     got = run_cli("get", SCOPES[0], env={"MPAGENT_SOCKET": own, "MPAGENT_NO_AUTOSTART": "1"})
     assert got.returncode == 0, got.stderr
     assert "passed by the service manager" not in (tmp_path / "agent.log").read_text()
+
+
+def test_bad_config_answers_the_waiting_clients(
+    agents: list, listener: socket.socket, notify: socket.socket, tmp_path: Path
+) -> None:
+    """An agent started by the socket with a broken config answers the `get`s waiting in the
+    queue with the config error (exit 78) at once, then exits 78, rather than leaving them to
+    their 30 s timeout."""
+    broken = tmp_path / "broken.toml"
+    broken.write_text('[profiles.dev]\nenvironment = "test"\n')
+    early = subprocess.Popen(
+        [sys.executable, "-m", "mpagent", "get", SCOPES[0], "--no-start"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        early.communicate(timeout=0.5)
+        pytest.fail("get finished before any agent ran")
+    except subprocess.TimeoutExpired:
+        pass
+    agent = activate(agents, listener, broken, notify, tmp_path / "agent.log")
+    out, err = early.communicate(timeout=10)
+    assert early.returncode == 78 and out == ""
+    assert "[profiles.dev] scopes is missing" in err, err
+    assert agent.wait(10) == 78
