@@ -15,7 +15,6 @@ from mpagent.keys import SigningKey
 
 # Maskinporten refuses exp - iat > 120; both come from one clock reading, so it is exact.
 GRANT_LIFETIME = 120
-CLAIM_ORDER = ("aud", "iss", "iat", "exp", "jti", "scope")
 
 
 def claims(
