@@ -10,7 +10,7 @@ ones that print or choose an exit status.
 import os
 import sys
 
-from mpagent.errors import MpagentError
+from mpagent.errors import AgentNotRunning, MpagentError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -118,7 +118,6 @@ def ask_agent(
 ) -> list[tuple[str, str]]:
     """One request to the agent, starting one first if none answers (unless told not to)."""
     from mpagent import client, paths
-    from mpagent.errors import AgentNotRunning
 
     path = paths.socket_path()
     try:

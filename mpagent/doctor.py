@@ -48,7 +48,7 @@ _KEY_CHECKS = {"alias_not_found", "trusted_cert_alias", "no_private_key", "sever
 _KEY_CHECKS |= {"wrong_key_password", "not_rsa", "unreadable_key"}
 _MATCH_CHECKS = ("key_certificate_mismatch", "no_certificate", "unreadable_certificate")
 _CERT_CHECKS = ("not_digital_signature", "certificate_expired", "certificate_not_yet_valid")
-_SECRET_FIX = {  # keys.py can only say `<profile>`; doctor knows the name
+_SECRET_FIX = {  # a fix line of its own for the password failures, as for every other row
     "wrong_store_password": "mpagent secret set {p}   (or export MPAGENT_KEYSTORE_PASSWORD)",
     "no_password": "mpagent secret set {p}   (or export MPAGENT_KEYSTORE_PASSWORD)",
     "wrong_key_password": "mpagent secret set {p} --key   (or export MPAGENT_KEY_PASSWORD)",

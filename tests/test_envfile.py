@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mpagent import envfile
 
 
@@ -54,10 +56,8 @@ def test_failed_write_leaves_the_old_file(tmp_path: Path) -> None:
     """A write that fails half-way leaves the old file untouched and no temp file behind."""
     path = tmp_path / "t.env"
     path.write_text("old\n")
-    try:
+    with pytest.raises(TypeError):
         envfile.write_atomic(path, 12345)  # type: ignore[arg-type]  # not a str: write fails
-    except TypeError:
-        pass
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["t.env"]
 

@@ -100,6 +100,22 @@ def activate(
     return proc
 
 
+def waiting_get() -> subprocess.Popen[str]:
+    """A `get` connected to the socket before any agent runs: it must still be waiting."""
+    early = subprocess.Popen(
+        [sys.executable, "-m", "mpagent", "get", SCOPES[0], "--no-start"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = early.communicate(timeout=0.5)
+        pytest.fail(f"get finished before any agent ran: {out!r} {err!r}")
+    except subprocess.TimeoutExpired:
+        pass
+    return early
+
+
 def test_ready_then_serves_on_the_inherited_socket(
     agents: list, listener: socket.socket, config: Path, notify: socket.socket, tmp_path: Path
 ) -> None:
@@ -133,17 +149,7 @@ def test_client_connected_before_the_agent_is_served(
 ) -> None:
     """A `get` that connects while only the socket exists is answered once the agent starts:
     with socket activation, connecting is enough."""
-    early = subprocess.Popen(
-        [sys.executable, "-m", "mpagent", "get", SCOPES[0], "--no-start"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        out, err = early.communicate(timeout=0.5)
-        pytest.fail(f"get finished before any agent ran: {out!r} {err!r}")
-    except subprocess.TimeoutExpired:
-        pass
+    early = waiting_get()
     activate(agents, listener, config, notify, tmp_path / "agent.log")
     out, err = early.communicate(timeout=30)
     assert early.returncode == 0, err
@@ -187,17 +193,7 @@ def test_bad_config_answers_the_waiting_clients(
     their 30 s timeout."""
     broken = tmp_path / "broken.toml"
     broken.write_text('[profiles.dev]\nenvironment = "test"\n')
-    early = subprocess.Popen(
-        [sys.executable, "-m", "mpagent", "get", SCOPES[0], "--no-start"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        early.communicate(timeout=0.5)
-        pytest.fail("get finished before any agent ran")
-    except subprocess.TimeoutExpired:
-        pass
+    early = waiting_get()
     agent = activate(agents, listener, broken, notify, tmp_path / "agent.log")
     out, err = early.communicate(timeout=10)
     assert early.returncode == 78 and out == ""
