@@ -28,7 +28,7 @@ from pathlib import Path
 from stack import PROFILE, Stack, scope_names
 from sysinfo import cpu_seconds, median
 
-from mpagent.envfile import variable_name
+from mpagent.envfile import PREFIX, name_part
 
 SOFT_LOW, SOFT_HIGH = 0.5, 0.6  # mpagent.tokens: SOFT_FRACTION, + SOFT_JITTER
 LOG_LINE = re.compile(r"^(\S+ \S+),(\d{3}) .* token (\S+) refreshed:")
@@ -121,7 +121,7 @@ def consistent_counts(st: Stack, tries: int = 40) -> tuple[dict, int]:
 
 def measure(bin_dir: Path, *, key_count: int, lifetime: int, seconds: float) -> dict:
     scopes = scope_names(key_count)
-    names = {variable_name(s, {}): s for s in scopes}
+    names = {PREFIX + name_part(s): s for s in scopes}  # the default profile's short names
     ctx = mp.get_context("fork")
     with Stack(bin_dir, scopes, lifetime=lifetime) as st:
         stop = ctx.Event()

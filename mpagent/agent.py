@@ -37,20 +37,36 @@ DRAIN_TIMEOUT = 10.0
 QUEUED_CLIENTS_WAIT = 0.5
 
 
-def load_sources(cfg: Config, *, strict: bool, interactive: bool = False) -> dict[str, Source]:
-    """Open every profile's key. Strict (a reload): any failure rejects the whole config.
-    Not strict (start-up): a failing profile is kept as unusable, so the rest still work."""
+def load_sources(
+    cfg: Config, *, interactive: bool = False, previous: dict[str, Source] | None = None
+) -> tuple[dict[str, Source], dict[str, MpagentError], dict[str, str]]:
+    """Open every profile's key; each profile fails alone. Returns the sources, the profiles
+    whose configuration is wrong (they have no source), and a problem line per profile that
+    cannot be used. On a reload (`previous`), a profile that worked keeps its previous source
+    when its new version cannot be used: an edit that breaks prod never costs prod's tokens."""
     sources: dict[str, Source] = {}
-    for name, profile in cfg.profiles.items():
+    unusable: dict[str, MpagentError] = {}
+    problems: dict[str, str] = {}
+    for name in cfg.names:
         try:
+            profile = cfg.profile(name)
             passwords = ProfilePasswords(name, interactive=interactive)
             sources[name] = Source(profile, exchange=open_exchange(cfg, profile, passwords))
+            continue
         except MpagentError as exc:
-            if strict:
-                raise type(exc)(f"profile {name}: {exc}", **exc.details) from exc
-            log.error("profile %s cannot be used: %s", name, exc)
-            sources[name] = Source(profile, error=exc)
-    return sources
+            error = exc
+        old = (previous or {}).get(name)
+        if old is not None and old.exchange is not None:
+            sources[name] = old
+            problems[name] = f"{error.message}; its previous configuration keeps running"
+        elif name in cfg.broken:
+            unusable[name] = error
+            problems[name] = error.message
+        else:
+            sources[name] = Source(cfg.profiles[name], error=error)
+            problems[name] = error.message
+        log.error("profile %s cannot be used: %s", name, problems[name])
+    return sources, unusable, problems
 
 
 class Agent:
@@ -60,6 +76,8 @@ class Agent:
         self.env_path = cfg.agent.env_file or Path(paths.default_env_file())
         self.started = time.time()
         self.reload_error: MpagentError | None = None
+        self.problems: dict[str, str] = {}
+        self._unwarned: set[str] = set()  # profiles whose key warnings no `get` has carried yet
         self.stopping = asyncio.Event()
         self.fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mpagent-fetch")
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpagent-io")
@@ -80,10 +98,10 @@ class Agent:
         try:
             listener = self._open_listener()
             await loop.run_in_executor(self.io, self._prepare_env_file)
-            sources = await loop.run_in_executor(
-                self.io, lambda: load_sources(self.cfg, strict=False, interactive=os.isatty(0))
+            loaded = await loop.run_in_executor(
+                self.io, lambda: load_sources(self.cfg, interactive=os.isatty(0))
             )
-            self.refresher.set_sources(sources, self.cfg.default_profile)
+            self._adopt(self.cfg, *loaded)
             await listener.start(self.handle)
             bridge_server = await self._start_bridge()
             self._install_signals(loop)
@@ -172,11 +190,14 @@ class Agent:
             return protocol.encode(["ok"], [("json", json.dumps(self.status()))])
         if verb == "reload":
             return self._reload_reply()
+        if verb == "refresh":
+            return self._refresh_reply(protocol.first(fields, "profile"))
         if verb == "stop":
             self.stopping.set()
-            return protocol.encode(["ok"], [])
+            return protocol.encode(["ok"], [("pid", str(os.getpid()))])
         raise ProtocolError(
-            f"unknown request {' '.join(words)!r}; this agent knows get, status, reload, stop"
+            f"unknown request {' '.join(words)!r}; "
+            "this agent knows get, status, reload, refresh, stop"
         )
 
     def _get(self, fields: protocol.Fields) -> bytes | Any:
@@ -187,17 +208,42 @@ class Agent:
         min_ttl = _float(protocol.first(fields, "min_ttl"), "min_ttl")
         token = self.refresher.cached(profile, scopes, min_ttl)
         if token is not None:
-            return _token_reply(token)
+            return _token_reply(token, self._warnings(profile))
         return self._get_slow(profile, scopes, min_ttl)
 
     async def _get_slow(
         self, profile: str | None, scopes: list[str], min_ttl: float | None
     ) -> bytes:
-        return _token_reply(await self.refresher.get(profile, scopes, min_ttl))
+        token = await self.refresher.get(profile, scopes, min_ttl)
+        return _token_reply(token, self._warnings(profile))
+
+    def _warnings(self, profile: str | None) -> tuple[str, ...]:
+        """A profile's key warnings (e.g. a nonRepudiation-only certificate), carried by its
+        first served token only, so that the user sees them once on stderr."""
+        if not self._unwarned:
+            return ()
+        source = self.refresher.source(profile)
+        if source.profile.name not in self._unwarned or source.exchange is None:
+            return ()
+        self._unwarned.discard(source.profile.name)
+        return tuple(source.exchange.key.warnings)
 
     async def _reload_reply(self) -> bytes:
         await self.reload("requested")
-        return protocol.encode(["ok"], [])
+        return protocol.encode(["ok"], [("json", json.dumps({"unusable": self.problems}))])
+
+    async def _refresh_reply(self, profile: str | None) -> bytes:
+        entries = await self.refresher.refresh_now(profile)
+        results = [
+            {
+                "profile": e.key.profile,
+                "scope": e.key.scope,
+                "ok": e.error is None and e.token is not None,
+                "error": e.error.to_wire() if e.error else None,
+            }
+            for e in entries
+        ]
+        return protocol.encode(["ok"], [("json", json.dumps(results))])
 
     def status(self) -> dict[str, Any]:
         return {
@@ -208,10 +254,7 @@ class Agent:
             "env_file": str(self.env_path),
             "config": str(self.cfg.path),
             "reload_error": self.reload_error.message if self.reload_error else None,
-            "profiles": {
-                name: (s.error.message if s.error else None)
-                for name, s in self.refresher.sources.items()
-            },
+            "profiles": {name: self.problems.get(name) for name in self.cfg.names},
             "warnings": {
                 name: warning
                 for name, s in self.refresher.sources.items()
@@ -236,28 +279,43 @@ class Agent:
             await self.reload("a watched file changed or SIGHUP")
 
     async def reload(self, reason: str) -> None:
-        """Validate the new configuration completely; on error keep the old one running."""
+        """Apply every valid change. Only a file that cannot be read or parsed, or a mistake
+        outside [profiles], keeps the whole old configuration; a profile that cannot be used
+        is reported and keeps its previous version if it had a working one."""
         loop = asyncio.get_running_loop()
         log.info("reloading (%s)", reason)
         try:
             cfg = await loop.run_in_executor(self.io, config.load, self.config_path)
-            sources = await loop.run_in_executor(self.io, lambda: load_sources(cfg, strict=True))
         except MpagentError as exc:
             self.reload_error = exc
             log.error("reload refused, the previous configuration keeps running: %s", exc)
             raise
-        self.cfg, self.reload_error = cfg, None
-        self.refresher.idle_timeout = cfg.agent.idle_timeout
-        self.refresher.set_sources(sources, cfg.default_profile)
+        previous = self.refresher.sources
+        loaded = await loop.run_in_executor(self.io, lambda: load_sources(cfg, previous=previous))
+        self.reload_error = None
+        self._adopt(cfg, *loaded)
         self._watch()
-        log.info("reloaded")
+        log.info("reloaded" + (f"; unusable: {', '.join(self.problems)}" if self.problems else ""))
+
+    def _adopt(
+        self,
+        cfg: Config,
+        sources: dict[str, Source],
+        unusable: dict[str, MpagentError],
+        problems: dict[str, str],
+    ) -> None:
+        self.cfg, self.problems = cfg, problems
+        self._unwarned = {
+            name for name, s in sources.items() if s.exchange and s.exchange.key.warnings
+        }
+        self.refresher.idle_timeout = cfg.agent.idle_timeout
+        self.refresher.set_sources(sources, cfg.default_profile, unusable)
 
     def _watch(self) -> None:
         from mpagent import watch
 
-        files = [self.cfg.path] + [
-            f for p in self.cfg.profiles.values() for f in (p.keystore, p.certificate) if f
-        ]
+        profiles = [s.profile for s in self.refresher.sources.values()]
+        files = [self.cfg.path] + [f for p in profiles for f in (p.keystore, p.certificate) if f]
         loop = asyncio.get_running_loop()
         if self._watcher is not None:
             self._watcher.stop()
@@ -296,22 +354,19 @@ class Agent:
 
     def _env_tokens(self) -> list[tuple[str, str, float]]:
         now = time.time()
-        out = []
+        default = self.cfg.default_name
+        out: list[tuple[str, str, float]] = []
         for entry in self.refresher.entries.values():
-            token = entry.token
+            token, profile = entry.token, entry.source.profile
             if entry.pinned and token is not None and token.expires_at > now:
-                names = entry.source.profile.env_names
-                out.append(
-                    (
-                        envfile.variable_name(entry.key.scope, names),
-                        token.access_token,
-                        token.expires_at,
-                    )
+                names = envfile.variable_names(
+                    profile.name, entry.key.scope, profile.env_names, short=profile.name == default
                 )
+                out.extend((name, token.access_token, token.expires_at) for name in names)
         return out
 
 
-def _token_reply(token: Any) -> bytes:
+def _token_reply(token: Any, warnings: tuple[str, ...] = ()) -> bytes:
     return protocol.encode(
         ["ok"],
         [
@@ -319,6 +374,7 @@ def _token_reply(token: Any) -> bytes:
             ("expires_at", f"{token.expires_at:.3f}"),
             ("scope", token.scope),
             ("token_type", token.token_type),
+            *(("warning", w) for w in warnings),
         ],
     )
 

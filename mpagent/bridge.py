@@ -145,15 +145,19 @@ class Bridge:
         client_id, secret = request.credentials(form)
         if not hmac.compare_digest(secret.encode(), self._secret):
             raise Refusal("wrong client_secret; use the one `mpagent bridge secret` printed", 401)
-        sources = self.refresher.sources
-        if client_id not in sources:
-            known = ", ".join(sorted(sources))
+        names = [*self.refresher.sources, *self.refresher.unusable]
+        if client_id not in names:
+            known = ", ".join(sorted(names))
             raise Refusal(f"client_id is a profile name; no {client_id[:64]!r} in {known}", 401)
         grant_type = form.get("grant_type")
         if grant_type != "client_credentials":
             error = "invalid_request" if grant_type is None else "unsupported_grant_type"
             raise Refusal("send grant_type=client_credentials, the one supported", 400, error)
-        token = await self._token(client_id, self._scopes(form.get("scope"), sources[client_id]))
+        try:
+            source = self.refresher.source(client_id)
+        except MpagentError as exc:  # the profile's configuration is wrong
+            raise Refusal(exc.message, 500, "server_error") from exc
+        token = await self._token(client_id, self._scopes(form.get("scope"), source))
         log.debug("bridge: token %s for %s", fingerprint(token.access_token), client_id)
         expires_in = max(1, int(token.expires_at - time.time()))
         body = {"access_token": token.access_token, "token_type": token.token_type or "Bearer"}
@@ -177,7 +181,8 @@ class Bridge:
         if scope is None or not scope.strip():
             if len(configured) == 1:
                 return list(configured)
-            raise Refusal(f"name a scope: {', '.join(configured)}", 400, "invalid_scope")
+            choices = ", ".join(configured) or "any scope of the client; the profile keeps none"
+            raise Refusal(f"name a scope: {choices}", 400, "invalid_scope")
         if not all(_SCOPE_TOKEN.fullmatch(word) for word in scope.split()):
             raise Refusal("scope holds characters RFC 6749 does not allow", 400, "invalid_scope")
         return scope.split()

@@ -8,7 +8,7 @@ import ipaddress
 import json
 import os
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,25 +90,60 @@ class Config:
     agent: AgentSettings = AgentSettings()
     http: HttpSettings = HttpSettings()
     bridge: BridgeSettings = BridgeSettings()
+    # Profiles whose table has a mistake: each is unusable alone, the others still work.
+    broken: Mapping[str, ConfigError] = field(default_factory=dict)
 
-    def profile(self, name: str | None = None) -> Profile:
-        """--profile, else MPAGENT_PROFILE, else default_profile, else the only profile."""
-        chosen = name or os.environ.get("MPAGENT_PROFILE") or self.default_profile
-        if chosen is None:
-            if len(self.profiles) == 1:
-                return next(iter(self.profiles.values()))
-            raise ConfigError(
-                f"{self.path}: several profiles ({', '.join(sorted(self.profiles))}) and none "
-                "chosen; pass --profile NAME, set MPAGENT_PROFILE, or add default_profile = "
-                '"NAME" at the top of the file'
-            )
-        if chosen not in self.profiles:
-            known = ", ".join(sorted(self.profiles)) or "none"
-            raise ConfigError(
-                f"{self.path}: no profile '{chosen}' (profiles: {known}); "
-                f"add a [profiles.{chosen}] table or choose another profile"
-            )
-        return self.profiles[chosen]
+    @property
+    def names(self) -> list[str]:
+        """Every profile in the file, usable or not, in file order."""
+        return [*self.profiles, *(n for n in self.broken if n not in self.profiles)]
+
+    @property
+    def default_name(self) -> str | None:
+        """The profile whose tokens also get the short env-file names."""
+        names = self.names
+        return self.default_profile or (names[0] if len(names) == 1 else None)
+
+    def profile(self, requested: str | None = None) -> Profile:
+        """The profile a command uses (see choose_profile); its own mistake is raised here."""
+        name = choose_profile(requested, self.default_profile, self.names, self.path)
+        if name in self.broken:
+            raise self.broken[name].again()
+        return self.profiles[name]
+
+    def problems(self, except_for: str | None = None) -> list[str]:
+        """One line per unusable profile other than `except_for`: warnings for a command
+        that uses another profile."""
+        return [
+            f"profile {name} cannot be used: {exc}"
+            for name, exc in self.broken.items()
+            if name != except_for
+        ]
+
+
+def choose_profile(
+    requested: str | None, default: str | None, names: Collection[str], where: object = "config"
+) -> str:
+    """The one rule for which profile serves a request, used by the CLI, the agent and the
+    bridge: the requested one (--profile, else MPAGENT_PROFILE, which the caller folds into
+    `requested`), else default_profile, else the only profile."""
+    chosen = requested or default
+    if chosen is None:
+        if len(names) == 1:
+            return next(iter(names))
+        raise ConfigError(
+            f"{where}: several profiles ({', '.join(sorted(names))}) and none chosen; pass "
+            '--profile NAME, set MPAGENT_PROFILE, or add default_profile = "NAME" at the top '
+            "of the configuration"
+        )
+    if chosen not in names:
+        close = difflib.get_close_matches(chosen, list(names), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"add a [profiles.{chosen}] table"
+        raise ConfigError(
+            f"{where}: no profile {chosen!r} (profiles: {', '.join(sorted(names)) or 'none'}); "
+            f"{hint}"
+        )
+    return chosen
 
 
 def scope_string(scopes: Iterable[str]) -> str:
@@ -117,17 +152,26 @@ def scope_string(scopes: Iterable[str]) -> str:
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:
-    """Read and validate the whole file. Raises ConfigError; never returns half a config."""
+    """Read and validate the whole file. Raises ConfigError for a file that cannot be read,
+    is not TOML, or has a mistake outside [profiles]; a mistake inside one profile makes
+    only that profile unusable (Config.broken)."""
     file = Path(path or paths.config_file()).expanduser()
     try:
-        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        data = file.read_bytes()
     except FileNotFoundError:
         raise ConfigError(
             f"{file}: no configuration file; create it with a [profiles.NAME] table "
             "(see README, 'Configuration'), or point --config / MPAGENT_CONFIG at yours"
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{file}: cannot read the configuration: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read the configuration: {exc.strerror or exc}") from exc
+    try:
+        # utf-8-sig: Notepad starts a UTF-8 file with a byte-order mark, which TOML forbids.
+        raw = tomllib.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{file}: not UTF-8 text (byte {exc.start}); save the file as UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: not valid TOML: {exc}") from exc
     return parse(raw, file)
@@ -138,20 +182,26 @@ def parse(raw: Mapping[str, Any], file: Path) -> Config:
     profiles_raw = _table(raw, "profiles", file, "the top level")
     if not profiles_raw:
         raise ConfigError(
-            f"{file}: no profiles; add a [profiles.NAME] table with environment, client_id, "
-            "scopes and keystore"
+            f"{file}: no profiles; add a [profiles.NAME] table with environment, client_id "
+            "and keystore"
         )
-    profiles = {
-        name: _profile(name, _table(profiles_raw, name, file, "[profiles]"), file)
-        for name in profiles_raw
-    }
-    _check_env_names(profiles, file)
     default = raw.get("default_profile")
-    if default is not None and default not in profiles:
+    if default is not None and default not in profiles_raw:
         raise ConfigError(
             f"{file}: default_profile = {default!r} names no profile; "
-            f"write one of: {', '.join(sorted(profiles))}"
+            f"write one of: {', '.join(sorted(profiles_raw))}"
         )
+    profiles: dict[str, Profile] = {}
+    broken: dict[str, ConfigError] = {}
+    for name in profiles_raw:
+        try:
+            profiles[name] = _profile(name, _table(profiles_raw, name, file, "[profiles]"), file)
+        except ConfigError as exc:
+            broken[name] = exc
+    default_name = default or (next(iter(profiles_raw)) if len(profiles_raw) == 1 else None)
+    for name, clash in _env_name_clashes(profiles, default_name, file).items():
+        broken[name] = clash
+        del profiles[name]
     return Config(
         path=file,
         profiles=profiles,
@@ -159,6 +209,7 @@ def parse(raw: Mapping[str, Any], file: Path) -> Config:
         agent=_agent(_table(raw, "agent", file, "the top level"), file),
         http=_http(_table(raw, "http", file, "the top level"), file),
         bridge=_bridge(_table(raw, "bridge", file, "the top level"), file),
+        broken=broken,
     )
 
 
@@ -166,10 +217,12 @@ def _profile(name: str, t: Mapping[str, Any], file: Path) -> Profile:
     where = f"[profiles.{name}]"
     _check_keys(t, PROFILE_KEYS, file, where)
     get = _Getter(t, file, where)
-    scopes = get.texts("scopes", required=True)
-    if not scopes:
-        raise get.error(
-            "scopes", "is empty", 'list at least one scope, e.g. scopes = ["idporten:dcr.read"]'
+    # Optional: a profile without scopes keeps nothing warm and serves `get` on demand.
+    scopes = get.texts("scopes")
+    if not envfile.name_part(name):
+        raise ConfigError(
+            f"{file}: profile name {name!r} has no letter or digit A-Z/0-9 to name its "
+            "env-file variables; rename the profile"
         )
     keystore_type = get.text("keystore_type")
     if keystore_type is not None:
@@ -205,19 +258,30 @@ def _profile(name: str, t: Mapping[str, Any], file: Path) -> Profile:
     )
 
 
-def _check_env_names(profiles: Mapping[str, Profile], file: Path) -> None:
-    """Two different tokens must not share one env-file variable."""
+def _env_name_clashes(
+    profiles: Mapping[str, Profile], default_name: str | None, file: Path
+) -> dict[str, ConfigError]:
+    """Two tokens must not share one env-file variable. Default names never clash, so a
+    clash comes from env_names or from profile names that normalise alike; the profile that
+    comes later in the file is the one made unusable."""
     seen: dict[str, tuple[str, str]] = {}
+    clashes: dict[str, ConfigError] = {}
     for p in profiles.values():
-        for scope in p.scopes:
-            name = envfile.variable_name(scope_string([scope]), p.env_names)
-            other = seen.setdefault(name, (p.name, scope_string([scope])))
-            if other != (p.name, scope_string([scope])):
-                raise ConfigError(
-                    f"{file}: [profiles.{p.name}] scope {scope!r} and [profiles.{other[0]}] scope "
-                    f"{other[1]!r} would both be {name} in the env file; give one another name, "
-                    f'e.g. env_names = {{ "{scope}" = "{name}_{p.name.upper()}" }}'
-                )
+        for entry in p.scopes:
+            scope = scope_string([entry])
+            names = envfile.variable_names(p.name, scope, p.env_names, short=p.name == default_name)
+            for name in names:
+                other = seen.setdefault(name, (p.name, scope))
+                if other != (p.name, scope) and p.name not in clashes:
+                    fix = (
+                        f"{envfile.PREFIX}{envfile.name_part(p.name)}_{envfile.name_part(scope)}_2"
+                    )
+                    clashes[p.name] = ConfigError(
+                        f"{file}: [profiles.{p.name}] scope {scope!r} and [profiles.{other[0]}] "
+                        f"scope {other[1]!r} would both be {name} in the env file; rename a "
+                        f'profile, or give one another name: env_names = {{ "{scope}" = "{fix}" }}'
+                    )
+    return clashes
 
 
 def _environment(get: _Getter) -> str:
@@ -230,6 +294,18 @@ def _environment(get: _Getter) -> str:
             "environment",
             f"is {env!r}",
             'write "test", "prod", or an issuer URL such as "https://test.maskinporten.no/"',
+        )
+    issuer = env.rstrip("/") + "/"
+    for known, url in ENVIRONMENTS.items():
+        if issuer == url:  # the trailing slash is part of the issuer; forgetting it is common
+            return known
+    if parts.path.rstrip("/").endswith("/token"):
+        base = env.rstrip("/").removesuffix("/token") + "/"
+        suggestion = next((k for k, url in ENVIRONMENTS.items() if url == base), base)
+        raise get.error(
+            "environment",
+            f"is {env!r}, the token endpoint",
+            f'write the issuer instead: environment = "{suggestion}"',
         )
     if parts.scheme == "http" and not is_loopback(parts.hostname):
         raise get.error(

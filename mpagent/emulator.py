@@ -45,6 +45,9 @@ class Emulator:
     """Maskinporten on loopback. Binds at construction (so `issuer` is known), serves after
     `start()` or `serve_forever()`, and runs once: after `stop()` it is done.
 
+    Access tokens live `lifetimes[client_id]` seconds, else `token_lifetime`, as production
+    gives each client its registered access_token_lifetime.
+
     Faults: `inject()` queues them; once the queue is empty, each POST /token fails with
     probability `fail_ratio`, its kind drawn uniformly from FAULTS by `random.Random(seed)`.
     """
@@ -57,7 +60,8 @@ class Emulator:
         clients: Mapping[str, Iterable[str]] | Iterable[tuple[str, Iterable[str]]] = (),
         trust: Iterable[x509.Certificate] = (),
         jwks: Mapping[str, RSAPublicKey] | Iterable[tuple[str, RSAPublicKey]] = (),
-        token_lifetime: int = 120,
+        token_lifetime: int = rules.DEFAULT_TOKEN_LIFETIME,
+        lifetimes: Mapping[str, int] | None = None,
         clock_offset: float = 0.0,
         hang_seconds: float = 30.0,
         fail_ratio: float = 0.0,
@@ -72,6 +76,7 @@ class Emulator:
         self.trust = list(trust)
         self.jwks = dict(jwks)
         self.token_lifetime = token_lifetime
+        self.lifetimes = dict(lifetimes or {})
         self.clock_offset = clock_offset
         self.hang_seconds = hang_seconds
         self.fail_ratio = fail_ratio
@@ -219,13 +224,11 @@ class Emulator:
         )
         replay_key = grant.get("jti") or hashlib.sha256(assertion.encode()).hexdigest()
         self._remember(replay_key, grant["exp"], now)
+        for warning in rules.grant_warnings(grant):
+            log.warning("grant from client %s: %s", grant["iss"], warning)
+        lifetime = self.lifetimes.get(grant["iss"], self.token_lifetime)
         claims = rules.access_token_claims(
-            grant,
-            issuer=self.issuer,
-            org=org,
-            now=now,
-            lifetime=self.token_lifetime,
-            jti=str(uuid.uuid4()),
+            grant, issuer=self.issuer, org=org, now=now, lifetime=lifetime, jti=str(uuid.uuid4())
         )
         token = jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": self._kid})
         with self._lock:
@@ -234,7 +237,7 @@ class Emulator:
         return {
             "access_token": token,
             "token_type": "Bearer",
-            "expires_in": self.token_lifetime,
+            "expires_in": lifetime,
             "scope": grant["scope"],
         }
 
@@ -256,12 +259,13 @@ class Emulator:
         clients: Sequence[str] = (),
         trust: Sequence[Path | str] = (),
         jwks: Sequence[str] = (),
-        token_lifetime: int = 120,
+        token_lifetime: int = rules.DEFAULT_TOKEN_LIFETIME,
     ) -> Emulator:
         """An emulator from CLI-style arguments; bad input raises ConfigError naming it."""
-        if token_lifetime < 1:
-            raise ConfigError(f"--token-lifetime {token_lifetime}: must be at least 1 second")
-        registered = dict(_parse_client(spec) for spec in clients)
+        _check_lifetime(token_lifetime, f"--token-lifetime {token_lifetime}")
+        parsed = [_parse_client(spec) for spec in clients]
+        registered = {client_id: scopes for client_id, scopes, _ in parsed}
+        lifetimes = {client_id: life for client_id, _, life in parsed if life is not None}
         anchors = [cert for path in trust for cert in _load_trust(Path(path))]
         keys = dict(_load_jwk(spec) for spec in jwks)
         try:
@@ -272,6 +276,7 @@ class Emulator:
                 trust=anchors,
                 jwks=keys,
                 token_lifetime=token_lifetime,
+                lifetimes=lifetimes,
             )
         except OSError as exc:
             raise ConfigError(
@@ -280,12 +285,39 @@ class Emulator:
             ) from exc
 
 
-def _parse_client(spec: str) -> tuple[str, list[str]]:
-    client_id, _, scopes = spec.partition("=")
+CLIENT_SYNTAX = "CLIENT_ID=SCOPE[,SCOPE...][;lifetime=SECONDS]"
+
+
+def _parse_client(spec: str) -> tuple[str, list[str], int | None]:
+    """`ID=a:read,a:write;lifetime=3599`: the client, its scopes and its own token lifetime."""
+    head, *options = spec.split(";")
+    client_id, _, scopes = head.partition("=")
     names = [s.strip() for s in scopes.split(",") if s.strip()]
     if not client_id.strip() or not names:
-        raise ConfigError(f"--client {spec!r}: expected CLIENT_ID=scope[,scope...]")
-    return client_id.strip(), names
+        raise ConfigError(f"--client {spec!r}: expected {CLIENT_SYNTAX}")
+    lifetime: int | None = None
+    for option in options:
+        key, _, value = (part.strip() for part in option.partition("="))
+        if key != "lifetime" or lifetime is not None:
+            what = "lifetime is given twice" if key == "lifetime" else f"unknown option {key!r}"
+            raise ConfigError(f"--client {spec!r}: {what}; expected {CLIENT_SYNTAX}")
+        if not (value.isascii() and value.isdigit()):
+            raise ConfigError(
+                f"--client {spec!r}: lifetime {value!r} is not a whole number of seconds"
+            )
+        lifetime = int(value)
+        _check_lifetime(lifetime, f"--client {spec!r}: lifetime {lifetime}")
+    return client_id.strip(), names, lifetime
+
+
+def _check_lifetime(seconds: int, named: str) -> None:
+    if seconds < 1:
+        raise ConfigError(f"{named}: must be at least 1 second")
+    if seconds > rules.MAX_TOKEN_LIFETIME:
+        raise ConfigError(
+            f"{named}: Maskinporten gives a client at most {rules.MAX_TOKEN_LIFETIME} s "
+            f"(2 hours); use {rules.MAX_TOKEN_LIFETIME} or less"
+        )
 
 
 def _load_trust(path: Path) -> list[x509.Certificate]:

@@ -20,11 +20,21 @@ TEMP_SUFFIX = ".tmp"
 HEADER = "# Maskinporten access tokens kept fresh by mpagent; rewritten on every refresh"
 
 
-def variable_name(scope: str, overrides: Mapping[str, str]) -> str:
-    """`idporten:dcr.read` → MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ, unless env_names says."""
+def name_part(text: str) -> str:
+    """`my-test` → MY_TEST: upper-cased, each run of other characters turned into `_`."""
+    return re.sub(r"[^A-Z0-9]+", "_", text.upper()).strip("_")
+
+
+def variable_names(
+    profile: str, scope: str, overrides: Mapping[str, str], *, short: bool
+) -> tuple[str, ...]:
+    """The env-file names of one token: env_names' name if it has one, else
+    MASKINPORTEN_TOKEN_<PROFILE>_<SCOPES>, and for the default profile (`short`) also
+    MASKINPORTEN_TOKEN_<SCOPES>, so a single-profile setup keeps its short names."""
     if scope in overrides:
-        return overrides[scope]
-    return PREFIX + re.sub(r"[^A-Z0-9]+", "_", scope.upper()).strip("_")
+        return (overrides[scope],)
+    full = f"{PREFIX}{name_part(profile)}_{name_part(scope)}"
+    return (full, PREFIX + name_part(scope)) if short else (full,)
 
 
 def render(tokens: Iterable[tuple[str, str, float]]) -> str:

@@ -1,17 +1,21 @@
 """`mpagent import-properties`: a jwt-grant-generator properties file becomes a profile.
 
-`parse_properties` (Java properties syntax) and `to_profile` (MASKINPORTEN.md §6 keys to TOML) are
-pure; `main` validates, writes an inline keystore 0600 beside the config, appends the profile
-atomically and stores the passwords in the OS keyring. No password or key byte is ever shown.
+`parse_properties` (Java properties syntax), `key_problems` (unknown keys, "did you mean") and
+`to_profile` (MASKINPORTEN.md §6 keys to TOML) are pure; `main` reads the keystore as the Java
+tool would (a relative path from the working directory), validates, writes an inline keystore
+0600 beside the config, appends the profile atomically and stores the passwords in the OS
+keyring. No password or key byte is ever shown.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import json
 import os
 import re
+import sys
 import tempfile
 import tomllib
 from collections.abc import Mapping
@@ -37,6 +41,8 @@ _NAMED = {url.rstrip("/"): env for env, url in config.ENVIRONMENTS.items()}
 _EXTENSIONS = {"jks": "jks", "pkcs12": "p12", "pem": "pem", "jwk": "jwk"}
 _PASSWORDS = {"keystore": ("keystore.password", KEYSTORE_ENV)}
 _PASSWORDS["key"] = ("keystore.alias.password", KEY_ENV)
+_ALIASES = {"pkcs#12": "pkcs12", "p12": "pkcs12", "pfx": "pkcs12", "jceks": "jks"}
+_LABELS = {"jks": "JKS", "pkcs12": "PKCS#12", "pem": "PEM", "jwk": "a JWK"}
 
 
 # -- Java properties syntax
@@ -44,11 +50,20 @@ _PASSWORDS["key"] = ("keystore.alias.password", KEY_ENV)
 
 def parse_properties(text: str) -> dict[str, str]:
     """Keys and values as java.util.Properties.load reads them; ValueError names the line."""
-    props = {}
+    return {key: value for _, key, value in _entries(text)}
+
+
+def key_lines(text: str) -> dict[str, int]:
+    """The line each key is given on (its last occurrence, the one that counts)."""
+    return {key: number for number, key, _ in _entries(text)}
+
+
+def _entries(text: str) -> list[tuple[int, str, str]]:
+    entries = []
     for number, line in _logical_lines(text):
         key, value = _split(line)
-        props[_unescape(key, number)] = _unescape(value, number)
-    return props
+        entries.append((number, _unescape(key, number), _unescape(value, number)))
+    return entries
 
 
 def _logical_lines(text: str) -> list[tuple[int, str]]:
@@ -138,41 +153,73 @@ def embedded_keystore(props: Mapping[str, str]) -> bytes | None:
         raise ValueError("keystore.file holds base64: text that is not valid base64") from None
 
 
-def keystore_type(props: Mapping[str, str], data: bytes | None) -> str | None:
-    """`keystore.type` in mpagent's words; without it, an inline keystore's detected type."""
-    declared = props.get("keystore.type", "").strip().lower()
-    if declared:
-        return {"pkcs#12": "pkcs12", "p12": "pkcs12", "pfx": "pkcs12"}.get(declared, declared)
-    if data is None:
-        return None
+def key_problems(
+    props: Mapping[str, str], lines: Mapping[str, int], source: object
+) -> tuple[list[str], list[str]]:
+    """(errors, warnings) for keys jwt-grant-generator does not know. A near miss of a known
+    key that the file does not set is an error: importing without it would drop its value
+    unseen (`keystore.pasword` would lose the password, `resourse` the audience). Any other
+    unknown key is ignored with a warning. A key without a value is not shown: a stray line
+    may be a pasted password."""
+    errors, warnings = [], []
+    for key in props:
+        if key in KNOWN:
+            continue
+        where = f"{source}: line {lines.get(key, '?')}"
+        close = difflib.get_close_matches(key, KNOWN, n=1)
+        if not props[key]:
+            warnings.append(f"{where}: a key without a value (not shown), ignored")
+        elif close and close[0] not in props:
+            errors.append(
+                f"line {lines.get(key, '?')}: unknown key {key!r}, did you mean {close[0]!r}?"
+            )
+        elif close:
+            used = f"{close[0]!r} (line {lines.get(close[0], '?')})"
+            warnings.append(f"{where}: unknown key {key!r} ignored; {used} is used")
+        else:
+            warnings.append(
+                f"{where}: unknown key {key!r} ignored: jwt-grant-generator has no such key"
+            )
+    return errors, warnings
+
+
+def keystore_path(value: str, cwd: Path) -> Path:
+    """keystore.file as the Java tool opened it: a relative path from the working directory."""
+    return Path(value) if Path(value).is_absolute() else cwd / value
+
+
+def detect(data: bytes, what: str) -> str:
+    """The keystore type of `data` in mpagent's words; ValueError naming `what` otherwise."""
     from mpagent.keys import detect_type
 
     try:
         return detect_type(data)
     except ValueError:
-        raise ValueError("keystore.file base64: is not a JKS or PKCS#12 keystore") from None
+        raise ValueError(f"{what} is not a JKS, PKCS#12, PEM or JWK keystore") from None
 
 
 def to_profile(
-    props: Mapping[str, str], name: str, *, base_dir: Path
+    props: Mapping[str, str], name: str, *, base_dir: Path, data: bytes | None = None
 ) -> tuple[str, dict[str, str], list[str]]:
     """The `[profiles.NAME]` TOML, the passwords ("keystore", "key") and what was done, line by
-    line. Relative keystore paths are taken from `base_dir` (the properties file's directory)."""
+    line. A relative keystore.file is taken from `base_dir` (the working directory, as the Java
+    tool took it); `data`, the keystore file's bytes when read, is checked against keystore.type."""
     _require(props)
     env, env_notes = environment_for(props.get("audience"), props.get("token.endpoint"))
     profile: dict[str, Any] = {"environment": env, "client_id": props["issuer"].strip()}
-    profile["scopes"] = props["scope"].split()
-    keystore, keystore_notes = _keystore_settings(props, name, base_dir)
+    # The Java tool asked for one token for the whole set; so does a scopes entry with spaces.
+    profile["scopes"] = [config.scope_string([props["scope"]])]
+    keystore, keystore_notes = _keystore_settings(props, name, base_dir, data)
     optional = {s: props[k].strip() for k, s in _OPTIONAL.items() if props.get(k, "").strip()}
     profile |= keystore | optional
     passwords, password_notes = _passwords(props)
+    several = " for the set, as the Java tool asked" if " " in profile["scopes"][0] else ""
     notes = [
         f"issuer → client_id = {_toml(profile['client_id'])}",
         *env_notes,
-        f"scope → scopes = {_toml(profile['scopes'])} (one token each)",
+        f"scope → scopes = {_toml(profile['scopes'])} (one token{several})",
         *keystore_notes,
         *(f"{k} → {s} = {_shown(s, optional[s])}" for k, s in _OPTIONAL.items() if s in optional),
-        *(f"{key}: not used by mpagent, ignored" for key in props if key not in KNOWN),
         *password_notes,
     ]
     lines = [f"[profiles.{name}]", *(f"{k} = {_toml(v)}" for k, v in profile.items())]
@@ -197,21 +244,39 @@ def inline_keystore_path(name: str, kind: str | None) -> str:
 
 
 def _keystore_settings(
-    props: Mapping[str, str], name: str, base: Path
+    props: Mapping[str, str], name: str, base: Path, data: bytes | None
 ) -> tuple[dict[str, str], list[str]]:
     value, declared = props["keystore.file"].strip(), props.get("keystore.type", "").strip()
-    kind = keystore_type(props, embedded_keystore(props))
-    if value.startswith("base64:"):
-        path = inline_keystore_path(name, kind)
-        notes = [f"keystore.file base64:… ({kind}) → keystore = {_toml(path)}, a 0600 file"]
+    inline = embedded_keystore(props)
+    content = inline if inline is not None else data
+    detected = None if content is None else detect(content, f"keystore.file {_short(value)}")
+    if inline is not None:
+        path = inline_keystore_path(name, detected)
+        notes = [f"keystore.file base64:… ({detected}) → keystore = {_toml(path)}, a 0600 file"]
     else:
-        path = str(Path(value) if Path(value).is_absolute() else base / value)
-        notes = [f"keystore.file {value} → keystore = {_toml(path)}"]
+        path = str(keystore_path(value, base))
+        how = "" if Path(value).is_absolute() else " (from the working directory, as Java reads it)"
+        notes = [f"keystore.file {value}{how} → keystore = {_toml(path)}"]
     if not declared:
-        notes.append("keystore.type not set (the Java tool assumed JKS): mpagent detects it")
+        found = f"the file is {_LABELS[detected]}" if detected else "mpagent detects the type"
+        notes.append(f"keystore.type not set (the Java tool assumed JKS): {found}")
         return {"keystore": path}, notes
-    notes.append(f"keystore.type {declared} → keystore_type = {_toml(kind)}")
-    return {"keystore": path, "keystore_type": kind or ""}, notes
+    kind = detected or _ALIASES.get(declared.lower(), declared.lower())
+    notes.append(_type_note(declared, kind, detected))
+    return {"keystore": path, "keystore_type": kind}, notes
+
+
+def _type_note(declared: str, kind: str, detected: str | None) -> str:
+    said = _ALIASES.get(declared.lower(), declared.lower())
+    if detected is None or detected == said:
+        return f"keystore.type {declared} → keystore_type = {_toml(kind)}"
+    why = " (keytool's default since Java 9)" if (said, detected) == ("jks", "pkcs12") else ""
+    # Java's JKS and PKCS12 KeyStore types each read both formats (keystore.type.compat).
+    return f"keystore.type={declared}, but the file is {_LABELS[detected]}{why}; imported as {kind}"
+
+
+def _short(value: str) -> str:
+    return "base64:…" if value.startswith("base64:") else value
 
 
 def _passwords(props: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
@@ -240,15 +305,24 @@ def _toml(value: Any) -> str:
 # -- the command
 
 
-def main(args: Any, out: TextIO) -> int:
+def main(args: Any, out: TextIO, err: TextIO | None = None) -> int:
+    err = err or sys.stderr
     source = Path(args.file)
     config_path = Path(args.config or paths.config_file()).expanduser()
     name = profile_name(args.profile, source)
-    props, block, passwords, notes = _read(source, name)
-    text = _combined(config_path, name, f"# imported from {source.name}\n{block}", source)
+    props, warnings = _read(source)
+    err.writelines(f"mpagent: warning: {line}\n" for line in warnings)
+    cwd = Path.cwd()  # where the Java tool would have opened a relative keystore.file
+    try:
+        block, passwords, notes = to_profile(
+            props, name, base_dir=cwd, data=_keystore_bytes(props, source, cwd)
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    text, others = _combined(config_path, name, f"# imported from {source.name}\n{block}", source)
     data = embedded_keystore(props)
-    keystore = config_path.parent / inline_keystore_path(name, keystore_type(props, data))
     if data is not None:
+        keystore = config_path.parent / inline_keystore_path(name, detect(data, "keystore.file"))
         _write_new_private(keystore, data)
     try:
         _replace_atomically(config_path, text)
@@ -257,25 +331,61 @@ def main(args: Any, out: TextIO) -> int:
             keystore.unlink(missing_ok=True)
         raise ConfigError(f"{config_path}: cannot write ({exc.strerror or exc})") from exc
     out.write(f"mpagent: imported {source} as profile {name!r} into {config_path}\n")
-    out.writelines(f"  {note}\n" for note in notes)
-    out.writelines(f"  {line}\n" for line in store_passwords(name, passwords, source.name))
+    out.writelines(f"  {note}\n" for note in [*notes, *others])
+    stored, advice = store_passwords(name, passwords, props, source)
+    out.writelines(f"  {line}\n" for line in stored)
     out.write(f"next: mpagent doctor --profile {name}\n")
+    err.writelines(f"mpagent: warning: {line}\n" for line in advice)
     return 0
 
 
-def _read(source: Path, name: str) -> tuple[dict[str, str], str, dict[str, str], list[str]]:
-    """The properties (ISO-8859-1, as Java reads them) and what `to_profile` makes of them."""
+def _read(source: Path) -> tuple[dict[str, str], list[str]]:
+    """The properties (ISO-8859-1, as Java reads them) and the warnings about their keys."""
     try:
-        props = parse_properties(source.read_bytes().decode("iso-8859-1"))
-        return props, *to_profile(props, name, base_dir=source.absolute().parent)
+        text = source.read_bytes().decode("iso-8859-1")
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        props = parse_properties(text)
+        errors, warnings = key_problems(props, key_lines(text), source)
+        if errors:
+            raise ValueError(f"{'; '.join(errors)}; correct it and import again")
+        _require(props)
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    return props, warnings
 
 
-def _combined(config_path: Path, name: str, block: str, source: Path) -> str:
-    """The config file's text with the profile appended, validated whole."""
+def _keystore_bytes(props: Mapping[str, str], source: Path, cwd: Path) -> bytes | None:
+    """The keystore file's content, read now: a wrong path is found at import, not later."""
+    value = props["keystore.file"].strip()
+    if value.startswith("base64:"):
+        return None
+    path = keystore_path(value, cwd)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(_missing(source, value, path)) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{source}: keystore.file {value}: cannot read {path} ({exc.strerror or exc})"
+        ) from exc
+
+
+def _missing(source: Path, value: str, path: Path) -> str:
+    problem = f"{source}: keystore.file {value}: no file {path}"
+    if Path(value).is_absolute():
+        return f"{problem}; correct the path and import again"
+    beside = source.absolute().parent / value
+    fix = "run the import where you ran the Java tool, or make keystore.file absolute"
+    if beside.is_file():
+        fix = f"{beside} exists: run the import in {beside.parent}, or make keystore.file absolute"
+    return f"{problem} (a relative path is taken from the working directory, as Java does); {fix}"
+
+
+def _combined(config_path: Path, name: str, block: str, source: Path) -> tuple[str, list[str]]:
+    """The config file's text with the profile appended, validated whole, and a note when
+    the file now has several profiles and no default."""
     try:
         existing = config_path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -288,16 +398,31 @@ def _combined(config_path: Path, name: str, block: str, source: Path) -> str:
         raise ConfigError(f"{config_path}: not valid TOML ({exc}); fix it first") from exc
     if isinstance(profiles, dict) and name in profiles:
         raise ConfigError(
-            f"{config_path}: a profile {name!r} exists already; choose another name:"
-            f" mpagent import-properties {source} --profile {name}-2"
+            f"{config_path}: a profile {name!r} exists already; nothing imported. Choose "
+            f"another name: mpagent import-properties {source} --profile {name}-2"
         )
     gap = "\n" if existing.endswith("\n") else "\n\n"
     text = existing + gap + block if existing else block
+    problem: Exception | None
     try:
-        config.parse(tomllib.loads(text), config_path)
+        raw = tomllib.loads(text)
+        problem = config.parse(raw, config_path).broken.get(name)
     except (ConfigError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{source}: not imported, the result would be invalid: {exc}") from exc
-    return text
+        problem = exc
+    if problem is not None:
+        raise ConfigError(f"{source}: not imported, the result would be invalid: {problem}")
+    return text, _default_note(config_path, raw, name)
+
+
+def _default_note(config_path: Path, raw: Mapping[str, Any], name: str) -> list[str]:
+    names = list(raw.get("profiles", {}))
+    if len(names) < 2 or raw.get("default_profile") is not None:
+        return []
+    return [
+        f"{config_path} now has profiles {', '.join(names)} and no default_profile: pass"
+        f" --profile (mpagent get --profile {name} SCOPE), or add"
+        f' default_profile = "{names[0]}" at the top of the file'
+    ]
 
 
 def _write_new_private(path: Path, data: bytes) -> None:
@@ -331,18 +456,43 @@ def _replace_atomically(path: Path, text: str) -> None:
         raise
 
 
-def store_passwords(name: str, passwords: Mapping[str, str], source: str) -> list[str]:
-    """Into the OS keyring; without one, the environment variables to set (names only)."""
-    if not passwords:
-        return []
+def store_passwords(
+    name: str, passwords: Mapping[str, str], props: Mapping[str, str], source: Path
+) -> tuple[list[str], list[str]]:
+    """Into the OS keyring: what was stored where, or how to provide what was not (names
+    only), and the warnings: a keyring failure, and that `source` holds secrets in plain text."""
+    lines, warnings = [], []
+    if "keystore" not in passwords:
+        lines.append(
+            f"no keystore password stored: {source.name} has no keystore.password; if the"
+            f" keystore has one, run `mpagent secret set {name}` (or set {KEYSTORE_ENV})"
+        )
     try:  # keyring.set_password behind passwords.py's boundary: every failure is one error
         for which, password in passwords.items():
             keyring_set(name, which, password)
-    except SecretUnavailable:
-        lines = [f"no usable OS keyring: set these (or later: mpagent secret set {name}):"]
+    except SecretUnavailable as exc:
+        warnings.append(str(exc))
         for which in passwords:
             key, env = _PASSWORDS[which]
-            lines.append(f"  export {env}=<the {key} from {source}>")
-        return lines
-    where = {which: f"({SERVICE}, {keyring_username(name, which)})" for which in passwords}
-    return [f"{_PASSWORDS[which][0]} → OS keyring {where[which]}" for which in passwords]
+            flag = " --key" if which == "key" else ""
+            lines.append(
+                f"{key} NOT stored: export {env}=<the {key} from {source.name}> where mpagent"
+                f" runs, or run `mpagent secret set {name}{flag}` once a keyring works"
+            )
+    else:
+        for which in passwords:
+            entry = keyring_username(name, which)
+            lines.append(
+                f"{_PASSWORDS[which][0]} stored in the OS keyring: service"
+                f" {SERVICE!r}, entry {entry!r}"
+            )
+    held = [key for key, _ in _PASSWORDS.values() if props.get(key)]
+    held += ["the keystore itself (base64:)"] if embedded_keystore(props) is not None else []
+    if held:
+        after = "now" if not warnings else "once the password is kept somewhere safer"
+        what = " and ".join([", ".join(held[:-1]), held[-1]] if len(held) > 2 else held)
+        warnings.append(
+            f"{source} holds {what} in plain text; delete the file {after}"
+            " (mpagent no longer needs it)"
+        )
+    return lines, warnings

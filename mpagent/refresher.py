@@ -9,6 +9,7 @@ laptop cannot oversleep a deadline.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import random
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mpagent import tokens
-from mpagent.config import Profile, scope_string
+from mpagent.config import Profile, choose_profile, scope_string
 from mpagent.errors import ConfigError, IssuerRejected, IssuerUnavailable, MpagentError
 from mpagent.exchange import Exchange
 from mpagent.issuer import Token, fingerprint
@@ -121,16 +122,24 @@ class Refresher:
         self.pool, self.idle_timeout, self.on_change = pool, idle_timeout, on_change
         self.clock, self.rand = clock, rand
         self.sources: dict[str, Source] = {}
+        self.unusable: dict[str, MpagentError] = {}
         self.default_profile: str | None = None
         self.entries: dict[TokenKey, Entry] = {}
         self._wake = asyncio.Event()
 
     # -- configuration -------------------------------------------------------------------
 
-    def set_sources(self, sources: dict[str, Source], default_profile: str | None) -> None:
-        """Adopt a new, fully validated configuration. Entries whose identity is unchanged
-        keep their tokens; the others are dropped; configured scopes are pinned."""
+    def set_sources(
+        self,
+        sources: dict[str, Source],
+        default_profile: str | None,
+        unusable: dict[str, MpagentError] | None = None,
+    ) -> None:
+        """Adopt a new configuration. Entries whose identity is unchanged keep their
+        tokens; the others are dropped; configured scopes are pinned. `unusable`: profiles
+        whose configuration is wrong, so that a request for one gets its error."""
         self.sources, self.default_profile = sources, default_profile
+        self.unusable = dict(unusable or {})
         now = self.clock()
         pinned = {s.key_for([scope]): s for s in sources.values() for scope in s.profile.scopes}
         kept: dict[TokenKey, Entry] = {}
@@ -148,16 +157,10 @@ class Refresher:
         self.on_change()
 
     def source(self, profile: str | None) -> Source:
-        name = profile or self.default_profile
-        if name is None and len(self.sources) == 1:
-            name = next(iter(self.sources))
-        if name is None:
-            raise ConfigError(
-                f"several profiles ({', '.join(sorted(self.sources))}) and none chosen; "
-                "pass --profile NAME, set MPAGENT_PROFILE, or set default_profile"
-            )
-        if name not in self.sources:
-            raise ConfigError(f"no profile '{name}' (profiles: {', '.join(sorted(self.sources))})")
+        names = [*self.sources, *self.unusable]
+        name = choose_profile(profile, self.default_profile, names, "the agent's configuration")
+        if name in self.unusable:
+            raise self.unusable[name].again()
         return self.sources[name]
 
     # -- serving -------------------------------------------------------------------------
@@ -204,13 +207,21 @@ class Refresher:
                     f"{min_ttl:g} s asked for with --min-ttl; ask for less"
                 )
 
-    @staticmethod
-    def _give_up_unless_transient(entry: Entry, retry_at: float, give_up_at: float) -> None:
+    def _give_up_unless_transient(self, entry: Entry, retry_at: float, give_up_at: float) -> None:
         """A `get` waits out a short backoff after a transient failure; a rejection, a
-        configuration error or a retry beyond its patience fails it with the last error."""
+        configuration error or a retry beyond its patience fails it with the last error,
+        saying when the agent tries again and how to make it try now."""
         transient = isinstance(entry.error, IssuerUnavailable)
-        if entry.error is not None and (not transient or retry_at > give_up_at):
-            raise entry.error.again()
+        if entry.error is None or (transient and retry_at <= give_up_at):
+            return
+        exc = entry.error
+        wait = max(0.0, retry_at - self.clock())
+        profile = entry.key.profile
+        raise type(exc)(
+            f"{exc.message} (the agent tries again in {wait:.0f} s; "
+            f"`mpagent refresh {profile}` tries now)",
+            **exc.details,
+        )
 
     def _entry(self, profile: str | None, scopes: list[str]) -> Entry:
         source = self.source(profile)
@@ -222,6 +233,19 @@ class Refresher:
             log.info("new on-demand token key %s", key)
         entry.last_used = now
         return entry
+
+    async def refresh_now(self, profile: str | None) -> list[Entry]:
+        """`mpagent refresh [PROFILE]`: forget the backoff of every key of the profile (or of
+        all profiles), refresh them now, and return them once every refresh has ended."""
+        if profile is not None:
+            self.source(profile)  # an unknown or unusable profile fails here
+        chosen = [e for e in self.entries.values() if profile in (None, e.key.profile)]
+        for entry in chosen:
+            entry.retry_at = None
+            if entry.inflight is None and entry.source.exchange is not None:
+                self._start(entry)
+        await asyncio.gather(*(asyncio.shield(e.inflight) for e in chosen if e.inflight))
+        return chosen
 
     # -- refreshing ----------------------------------------------------------------------
 
@@ -272,7 +296,7 @@ class Refresher:
                     f"{token.expires_at - self.clock():.0f} s; check the local clock"
                 )
         except MpagentError as exc:
-            entry.fail(exc, self.clock(), self.rand())
+            entry.fail(_with_scope_hint(exc, entry), self.clock(), self.rand())
             log.warning(
                 "token %s: %s (retry in %.1f s)",
                 entry.key,
@@ -302,3 +326,19 @@ class Refresher:
     def status(self) -> list[dict[str, Any]]:
         now = self.clock()
         return [e.status(now) for _, e in sorted(self.entries.items())]
+
+
+def _with_scope_hint(exc: MpagentError, entry: Entry) -> MpagentError:
+    """A scope the issuer does not know, asked for on demand: a typo of a configured one?"""
+    if not isinstance(exc, IssuerRejected) or exc.error != "invalid_scope" or entry.pinned:
+        return exc
+    configured = {s for item in entry.source.profile.scopes for s in item.split()}
+    hints = [
+        f"{scope!r}: did you mean {close[0]!r}?"
+        for scope in entry.key.scope.split()
+        if scope not in configured
+        and (close := difflib.get_close_matches(scope, sorted(configured), n=1))
+    ]
+    if not hints:
+        return exc
+    return type(exc)(f"{exc.message}; {'; '.join(hints)}", **exc.details)

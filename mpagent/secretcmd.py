@@ -6,6 +6,7 @@ logs or puts a password in a message; `status` says only whether one is stored.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, TextIO
 
@@ -49,7 +50,7 @@ def _delete(args: Any, out: TextIO) -> int:
 
 
 def _status(args: Any, out: TextIO) -> int:
-    names = [args.profile] if args.profile else list(_load(args).profiles)
+    names = [args.profile] if args.profile else _load(args).names
     backend = passwords.keyring_backend_name()
     rows = [(name, _stored(name, "keystore"), _stored(name, "key")) for name in names]
     width = max(len("profile"), *(len(name) for name in names))
@@ -79,9 +80,13 @@ def _load(args: Any) -> Any:
 
 def _chosen_profile(args: Any) -> str:
     """PROFILE as given (the config may not exist yet), else the config's chosen profile."""
-    if args.profile:
-        return str(args.profile)
-    return str(_load(args).profile(None).name)
+    from mpagent.config import choose_profile
+
+    requested = args.profile or os.environ.get("MPAGENT_PROFILE")
+    if requested:
+        return str(requested)
+    cfg = _load(args)
+    return choose_profile(None, cfg.default_profile, cfg.names, cfg.path)
 
 
 def _warn_if_unknown(args: Any, profile: str) -> None:
@@ -91,8 +96,8 @@ def _warn_if_unknown(args: Any, profile: str) -> None:
     except ConfigError as exc:
         _warn(f"cannot check profile {profile} against the configuration: {exc}")
         return
-    if profile not in cfg.profiles:
-        known = ", ".join(cfg.profiles) or "none"
+    if profile not in cfg.names:
+        known = ", ".join(cfg.names) or "none"
         _warn(
             f"{cfg.path} has no profile {profile} (profiles: {known}); storing the password "
             f"anyway: add a [profiles.{profile}] table to use it"

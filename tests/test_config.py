@@ -25,8 +25,9 @@ def load(tmp_path: Path, profiles: dict, **top) -> config.Config:
 
 
 def error(tmp_path: Path, profiles: dict, **top) -> str:
+    """The message of the first mistake: in the file's top level, or in the first profile."""
     with pytest.raises(ConfigError) as info:
-        load(tmp_path, profiles, **top)
+        load(tmp_path, profiles, **top).profile(next(iter(profiles)))
     return str(info.value)
 
 
@@ -82,31 +83,96 @@ def test_authorization_details_pass_through(tmp_path: Path) -> None:
     ]
 
 
-def test_profile_choice_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--profile beats MPAGENT_PROFILE beats default_profile."""
-    monkeypatch.delenv("MPAGENT_PROFILE", raising=False)
+def test_profile_choice_order(tmp_path: Path) -> None:
+    """The requested profile (--profile, else MPAGENT_PROFILE) beats default_profile, which
+    beats the only profile; the config itself reads no environment variable."""
+    names = ["a", "b", "c"]
+    assert config.choose_profile("b", "a", names) == "b"
+    assert config.choose_profile(None, "a", names) == "a"
+    assert config.choose_profile(None, None, ["only"]) == "only"
     cfg = load(tmp_path, {n: {**BASE, "scopes": [n]} for n in "abc"}, default_profile="a")
     assert cfg.profile().name == "a"
-    monkeypatch.setenv("MPAGENT_PROFILE", "b")
-    assert cfg.profile().name == "b"
     assert cfg.profile("c").name == "c"
 
 
-def test_several_profiles_and_no_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With several profiles and no choice, the message lists them and the three ways to choose."""
-    monkeypatch.delenv("MPAGENT_PROFILE", raising=False)
-    cfg = load(tmp_path, {n: {**BASE, "scopes": [n]} for n in "ab"})
-    with pytest.raises(ConfigError, match=r"several profiles \(a, b\).*--profile.*MPAGENT_PROFILE"):
+def test_several_profiles_and_no_choice(tmp_path: Path) -> None:
+    """With several profiles and no choice, the message lists them and the three ways to choose;
+    an unknown name gets "did you mean"."""
+    cfg = load(tmp_path, {n: {**BASE, "scopes": [n]} for n in ("test", "prod")})
+    with pytest.raises(
+        ConfigError, match=r"several profiles \(prod, test\).*--profile.*MPAGENT_PROFILE"
+    ):
         cfg.profile()
-    with pytest.raises(ConfigError, match="no profile 'x' \\(profiles: a, b\\)"):
-        cfg.profile("x")
+    with pytest.raises(
+        ConfigError, match=r"no profile 'tset' \(profiles: prod, test\); did you mean 'test'"
+    ):
+        cfg.profile("tset")
+
+
+def test_a_broken_profile_blocks_only_itself(tmp_path: Path) -> None:
+    """A mistake in one profile makes that profile unusable; the others load and are chosen as
+    usual, and the broken one's error names its file, table and key."""
+    cfg = load(tmp_path, {"test": BASE, "prod": {**BASE, "algorithm": "ES256"}})
+    assert cfg.profile("test").name == "test"
+    assert cfg.names == ["test", "prod"]
+    with pytest.raises(ConfigError, match=r"\[profiles.prod\] algorithm is 'ES256'"):
+        cfg.profile("prod")
+    (problem,) = cfg.problems(except_for="test")
+    assert problem.startswith("profile prod cannot be used: ") and "ES256" in problem
+    assert cfg.problems(except_for="prod") == []
+
+
+def test_scopes_are_optional(tmp_path: Path) -> None:
+    """A profile without scopes keeps nothing warm: it is valid and has no scope sets."""
+    profile = {k: v for k, v in BASE.items() if k != "scopes"}
+    assert load(tmp_path, {"p": profile}).profile().scopes == ()
+
+
+def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    """A config.toml saved by Notepad (UTF-8 with a byte-order mark) loads."""
+    path = write_config(tmp_path / "config.toml", {"p": BASE})
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert config.load(path).profile().name == "p"
+
+
+def test_not_utf8_is_named(tmp_path: Path) -> None:
+    """A file in another encoding gets an error naming the file and the fix."""
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"# caf\xe9\n[profiles.p]\n")
+    with pytest.raises(
+        ConfigError, match=rf"{re.escape(str(path))}: not UTF-8 text.*save the file as UTF-8"
+    ):
+        config.load(path)
+
+
+@pytest.mark.parametrize(
+    ("written", "read"),
+    [
+        ("https://test.maskinporten.no", "test"),
+        ("https://test.maskinporten.no/", "test"),
+        ("https://maskinporten.no", "prod"),
+        ("https://test.sky.maskinporten.no", "https://test.sky.maskinporten.no"),
+    ],
+)
+def test_known_issuer_urls_are_their_environment(tmp_path: Path, written: str, read: str) -> None:
+    """The test and prod issuer URLs, with or without their trailing slash, are "test" and
+    "prod"; other issuers (Skyporten has no trailing slash) are kept as written."""
+    assert load(tmp_path, {"p": {**BASE, "environment": written}}).profile().environment == read
+
+
+def test_token_endpoint_as_environment(tmp_path: Path) -> None:
+    """A pasted token endpoint URL is refused with the issuer to write instead."""
+    message = error(tmp_path, {"p": {**BASE, "environment": "https://test.maskinporten.no/token"}})
+    assert "is 'https://test.maskinporten.no/token', the token endpoint" in message
+    assert 'write the issuer instead: environment = "test"' in message
+    other = error(tmp_path, {"p": {**BASE, "environment": "http://127.0.0.1:9/token"}})
+    assert 'environment = "http://127.0.0.1:9/"' in other
 
 
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
         ({"client_id": None}, r"\[profiles.p\] client_id is missing; add client_id ="),
-        ({"scopes": []}, r"\[profiles.p\] scopes is empty; list at least one scope"),
         ({"scopes": "a b"}, r"scopes is 'a b'; write a list of non-empty strings"),
         ({"environment": "staging"}, r"environment is 'staging'; write \"test\", \"prod\""),
         ({"environment": "http://maskinporten.example/"}, r"plain http:// to maskinporten.example"),
@@ -117,6 +183,7 @@ def test_several_profiles_and_no_choice(tmp_path: Path, monkeypatch: pytest.Monk
         ({"scope": ["a"]}, r"unknown key 'scope'; did you mean 'scopes'\?"),
         ({"password": "x"}, r"unknown key 'password'"),
         ({"env_names": {"a": "1BAD"}}, r"env_names.a is '1BAD'; write a variable name"),
+        ({"environment": "https://maskinporten.no/token"}, r"the token endpoint"),
         ({"authorization_details": ["x"]}, r"authorization_details is not a list of tables"),
     ],
 )
@@ -176,17 +243,39 @@ def test_loopback_http_allowed(tmp_path: Path) -> None:
         assert load(tmp_path, {"p": {**BASE, "environment": url}}).profile().environment == url
 
 
-def test_env_name_collision_between_profiles(tmp_path: Path) -> None:
-    """The same scope in two profiles would share one env variable: refused with a fix."""
-    message = error(tmp_path, {"a": BASE, "b": BASE})
-    assert "would both be MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ" in message
-    assert (
-        'env_names = { "idporten:dcr.read" = "MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ_B" }' in message
+def test_same_scope_in_two_profiles_gets_two_names(tmp_path: Path) -> None:
+    """test and prod with the same scope are valid together: names never collide by default."""
+    cfg = load(tmp_path, {"test": BASE, "prod": BASE}, default_profile="test")
+    assert not cfg.broken and cfg.default_name == "test"
+
+
+def test_env_name_collision_from_explicit_names(tmp_path: Path) -> None:
+    """Two tokens given one name through env_names: the later profile is unusable, and the
+    error names both and suggests a name the validator accepts."""
+    named = {**BASE, "env_names": {"idporten:dcr.read": "DCR"}}
+    cfg = load(tmp_path, {"a": named, "my-prod": named})
+    assert cfg.profile("a").name == "a"
+    message = str(cfg.broken["my-prod"])
+    assert "[profiles.my-prod] scope 'idporten:dcr.read' and [profiles.a] scope" in message
+    assert "would both be DCR in the env file" in message
+    suggested = "MASKINPORTEN_TOKEN_MY_PROD_IDPORTEN_DCR_READ_2"
+    assert f'env_names = {{ "idporten:dcr.read" = "{suggested}" }}' in message
+    fixed = {**BASE, "env_names": {"idporten:dcr.read": suggested}}
+    assert not load(tmp_path, {"a": named, "my-prod": fixed}).broken
+
+
+def test_env_name_collision_from_profile_names(tmp_path: Path) -> None:
+    """Profile names that normalise alike (my-test, my_test) collide, and the error says so."""
+    cfg = load(tmp_path, {"my-test": BASE, "my_test": BASE})
+    assert list(cfg.profiles) == ["my-test"]
+    assert "would both be MASKINPORTEN_TOKEN_MY_TEST_IDPORTEN_DCR_READ" in str(
+        cfg.broken["my_test"]
     )
-    renamed = {**BASE, "env_names": {"idporten:dcr.read": "B_TOKEN"}}
-    assert load(tmp_path, {"a": BASE, "b": renamed}).profiles["b"].env_names == {
-        "idporten:dcr.read": "B_TOKEN"
-    }
+
+
+def test_profile_name_without_letters(tmp_path: Path) -> None:
+    """A profile name that gives no variable name is refused with the fix."""
+    assert "rename the profile" in error(tmp_path, {"--": BASE})
 
 
 def test_env_names_keys_are_canonical(tmp_path: Path) -> None:

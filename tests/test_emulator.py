@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
+import contextlib
 import datetime as dt
 import email.utils
+import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jwt
@@ -25,9 +31,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mpagent import emulator_rules as rules
+from mpagent.commands import build_parser
 from mpagent.emulator import FAULTS, Emulator
 from mpagent.errors import ConfigError
 from mpagent.pki import Issued, make_ca, make_leaf, new_rsa_key
+
+from .agentproc import AgentProcess
+from .conftest import CLIENT_ID, PASSWORD, SCOPES, run_cli, write_config
 
 CLIENT = "5f6b1c3e-0d7a-4a43-9d3b-6a6f2f0c1a11"
 SCOPE = "test:read"
@@ -288,16 +298,22 @@ def test_expired_certificate_is_rejected(emu: Emulator, pki: Pki) -> None:
     assert "expired" in body["error_description"]
 
 
-def test_non_repudiation_certificate_is_rejected(emu: Emulator, pki: Pki) -> None:
-    """The nonRepudiation (signing) certificate gets MP-120 naming the missing key usage."""
+def test_non_repudiation_certificate_is_accepted(emu: Emulator, pki: Pki) -> None:
+    """A nonRepudiation-only certificate signs grants, as Digdir's own test keystore does."""
     signing = pki.issue(usage="nonRepudiation")
     resp = post(emu, grant(emu, pki, headers={"x5c": x5c(signing.cert)}))
+    assert resp.status_code == 200, resp.text
+
+
+def test_certificate_without_signing_usage_is_rejected(emu: Emulator, pki: Pki) -> None:
+    """A certificate whose key usage allows no signature at all gets MP-120 saying so."""
+    encipher = pki.issue(usage="keyEncipherment")
+    resp = post(emu, grant(emu, pki, headers={"x5c": x5c(encipher.cert)}))
     assert_rejected(
         resp,
         "invalid_grant",
         "MP-120",
-        "The JWT is signed with an invalid certificate. "
-        "(certificate key usage lacks digitalSignature)",
+        "The JWT is signed with an invalid certificate. (certificate key usage allows no signature)",
     )
 
 
@@ -345,10 +361,37 @@ def test_replayed_jti_is_rejected(emu: Emulator, pki: Pki) -> None:
 
 
 def test_unknown_claim_is_rejected(emu: Emulator, pki: Pki) -> None:
-    """A claim outside the documented list (here sub) gets "Invalid assertion"."""
-    resp = post(emu, grant(emu, pki, sub=CLIENT))
+    """A claim neither documented nor known to pass production (client_id) gets MP-011."""
+    resp = post(emu, grant(emu, pki, client_id=CLIENT))
     body = assert_rejected(resp, "invalid_grant", "MP-011", "Invalid assertion")
-    assert "sub" in body["error_description"]
+    assert "claims not allowed in a grant: client_id" in body["error_description"]
+
+
+def test_nbf_is_accepted(emu: Emulator, pki: Pki) -> None:
+    """A grant with nbf = iat, as NAV's digdirator sends to production, gets a token."""
+    now = int(time.time())
+    resp = post(emu, grant(emu, pki, iat=now, nbf=now, exp=now + 120))
+    assert resp.status_code == 200, resp.text
+
+
+def test_nbf_in_the_future_is_rejected(emu: Emulator, pki: Pki) -> None:
+    """An nbf more than 10 s ahead of the emulator's clock is refused, naming nbf."""
+    now = int(time.time())
+    resp = post(emu, grant(emu, pki, iat=now, nbf=now + 60, exp=now + 120))
+    body = assert_rejected(resp, "invalid_grant", None, "JWT is not valid yet")
+    reason = r"nbf is (59|60) s ahead of Maskinporten's clock; set nbf to iat, or leave it out"
+    assert re.search(reason, body["error_description"]), body
+
+
+def test_sub_equal_to_client_id_is_accepted(emu: Emulator, pki: Pki) -> None:
+    """sub = the client id, as in Altinn's system-user example, gets a token."""
+    assert post(emu, grant(emu, pki, sub=CLIENT)).status_code == 200
+
+
+def test_sub_other_than_client_id_is_rejected(emu: Emulator, pki: Pki) -> None:
+    """A sub that is not the client id gets MP-011 saying what sub must be."""
+    resp = post(emu, grant(emu, pki, sub="someone-else"))
+    assert_rejected(resp, "invalid_grant", "MP-011", "sub must be the client id")
 
 
 def test_missing_scope_is_rejected(emu: Emulator, pki: Pki) -> None:
@@ -378,11 +421,38 @@ def test_iat_far_behind_emulator_clock_is_rejected(emu: Emulator, pki: Pki) -> N
     assert_rejected(resp, "invalid_grant", "MP-011", "behind")
 
 
-def test_grant_lifetime_over_120_seconds_is_rejected(emu: Emulator, pki: Pki) -> None:
-    """exp - iat = 121 (the Java tool's double clock read) is refused."""
+@pytest.mark.parametrize("lifetime", [121, 180])
+def test_grant_lifetime_up_to_180_seconds_is_accepted_with_a_warning(
+    emu: Emulator, pki: Pki, lifetime: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """exp - iat of 121 (the Java tool) to 180 (the server's limit) passes, logging a warning."""
     now = int(time.time())
-    resp = post(emu, grant(emu, pki, iat=now, exp=now + 121))
-    assert_rejected(resp, "invalid_grant", "MP-011", "exp - iat is 121 s")
+    with caplog.at_level(logging.WARNING, logger="mpagent.emulator"):
+        resp = post(emu, grant(emu, pki, iat=now, exp=now + lifetime))
+    assert resp.status_code == 200, resp.text
+    [record] = [r for r in caplog.records if r.name == "mpagent.emulator"]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        f"grant from client {CLIENT}: exp - iat is {lifetime} s: accepted, as production allows "
+        "up to 180 s, but Maskinporten's docs say at most 120; compute iat and exp from one "
+        "clock reading"
+    )
+
+
+def test_grant_lifetime_of_120_seconds_logs_no_warning(
+    emu: Emulator, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The documented exp - iat = 120, what our own client sends, passes without a warning."""
+    with caplog.at_level(logging.WARNING, logger="mpagent.emulator"):
+        assert post(emu, grant(emu, pki)).status_code == 200
+    assert [r for r in caplog.records if r.name == "mpagent.emulator"] == []
+
+
+def test_grant_lifetime_over_180_seconds_is_rejected(emu: Emulator, pki: Pki) -> None:
+    """exp - iat = 181 is refused with MP-011, as production answers 400 over 180 s."""
+    now = int(time.time())
+    resp = post(emu, grant(emu, pki, iat=now, exp=now + 181))
+    assert_rejected(resp, "invalid_grant", "MP-011", "exp - iat is 181 s; at most 180")
 
 
 def test_expired_grant_is_rejected(emu: Emulator, pki: Pki) -> None:
@@ -641,20 +711,26 @@ def test_fail_ratio_outside_zero_to_one_is_refused(pki: Pki, ratio: float) -> No
 
 
 @pytest.mark.parametrize(
-    ("iat", "exp", "text"),
+    ("iat", "exp", "nbf", "text"),
     [
-        (10, 130, None),
-        (-10, 1, None),
-        (11, 131, "Issue time is after now"),
-        (0, 121, "exp - iat is 121 s"),
-        (-11, 1, "behind"),
-        (-100, 0, "JWT is expired"),
+        (10, 130, None, None),
+        (-10, 1, None, None),
+        (11, 131, None, "Issue time is after now"),
+        (0, 180, None, None),
+        (0, 181, None, "exp - iat is 181 s"),
+        (-11, 1, None, "behind"),
+        (-100, 0, None, "JWT is expired"),
+        (0, 120, 10, None),
+        (0, 120, 11, "JWT is not valid yet"),
+        (0, 120, "soon", "must be numbers"),
     ],
 )
-def test_grant_time_limits_are_exact(iat: int, exp: int, text: str | None) -> None:
-    """±10 s of skew and 120 s of grant lifetime are accepted; one second more is not."""
+def test_grant_time_limits_are_exact(iat: int, exp: int, nbf: Any, text: str | None) -> None:
+    """±10 s of skew for iat and nbf and 180 s of grant lifetime pass; one second more does not."""
     now, issuer = 1_700_000_000, "https://mp.example/"
     claims = {"aud": issuer, "iss": CLIENT, "iat": now + iat, "exp": now + exp, "scope": SCOPE}
+    if nbf is not None:
+        claims["nbf"] = now + nbf if isinstance(nbf, int) else nbf
 
     def check() -> None:
         rules.check_claims(claims, issuer=issuer, clients={CLIENT: frozenset({SCOPE})}, now=now)
@@ -699,11 +775,43 @@ def test_from_files_builds_a_working_emulator(tmp_path: Path, pki: Pki) -> None:
     assert by_kid.status_code == 200
 
 
+def test_client_lifetime_sets_expires_in_and_token_exp(pki: Pki) -> None:
+    """A client's own lifetime is its tokens' expires_in and exp - iat; others get the default."""
+    clients = {CLIENT: [SCOPE], "other": [SCOPE]}
+    with Emulator(
+        clients=clients, trust=[pki.ca.cert], token_lifetime=90, lifetimes={CLIENT: 3599}
+    ) as emulator:
+        own = post(emulator, grant(emulator, pki))
+        default = post(emulator, grant(emulator, pki, iss="other"))
+        assert own.json()["expires_in"] == 3599
+        claims = decode_token(emulator, own)
+        assert claims["exp"] - claims["iat"] == 3599
+        assert default.json()["expires_in"] == 90
+        assert decode_token(emulator, default)["client_id"] == "other"
+
+
+def test_from_files_reads_a_client_lifetime(tmp_path: Path, pki: Pki) -> None:
+    """--client ID=scopes;lifetime=S gives that client S-second tokens, up to 7200."""
+    trust = write_pem(tmp_path / "trust.pem", pki.ca.cert)
+    specs = [f"{CLIENT}={SCOPE}; lifetime = 7200", "other=a:b"]
+    with Emulator.from_files(clients=specs, trust=[trust], token_lifetime=60) as emulator:
+        assert emulator.clients == {CLIENT: {SCOPE}, "other": {"a:b"}}
+        assert emulator.lifetimes == {CLIENT: 7200} and emulator.token_lifetime == 60
+        resp = post(emulator, grant(emulator, pki))
+    assert resp.json()["expires_in"] == 7200
+
+
 @pytest.mark.parametrize(
     ("kwargs", "named"),
     [
         ({"clients": ["no-equals-sign"]}, "--client"),
         ({"clients": ["id="]}, "--client"),
+        ({"clients": ["id=a;lifetime=7201"]}, "--client 'id=a;lifetime=7201': lifetime 7201"),
+        ({"clients": ["id=a;lifetime=0"]}, "at least 1 second"),
+        ({"clients": ["id=a;lifetime=1h"]}, "lifetime '1h' is not a whole number of seconds"),
+        ({"clients": ["id=a;ttl=60"]}, "unknown option 'ttl'"),
+        ({"clients": ["id=a;lifetime=60;lifetime=90"]}, "lifetime is given twice"),
+        ({"token_lifetime": 7201}, "--token-lifetime 7201: Maskinporten gives a client at most"),
         ({"trust": ["/nonexistent/ca.pem"]}, "--trust"),
         ({"jwks": ["just-a-kid"]}, "--jwk"),
         ({"jwks": ["kid=/nonexistent/key.pem"]}, "--jwk"),
@@ -733,6 +841,116 @@ def test_from_files_port_in_use_is_a_config_error(emu: Emulator) -> None:
     with pytest.raises(ConfigError, match="cannot listen"):
         Emulator.from_files(host="127.0.0.1", port=port, clients=[], trust=[], jwks=[],
                             token_lifetime=120)  # fmt: skip
+
+
+# -- the `mpagent emulator` command -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def emulator_process(tmp_path: Path, *args: str) -> Iterator[tuple[Any, Path]]:
+    """The real `mpagent emulator` command: its issuer (stdout's first line) and its stderr log."""
+    log = tmp_path / "emulator.log"
+    command = [sys.executable, "-m", "mpagent", "emulator", *args]
+    with (
+        log.open("wb") as stderr,
+        subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr
+        ) as proc,
+    ):
+        assert proc.stdout is not None
+        try:
+            issuer = proc.stdout.readline().decode().strip()
+            assert issuer.startswith("http://127.0.0.1:"), log.read_text()
+            yield SimpleNamespace(issuer=issuer, token_endpoint=issuer + "token"), log
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=10)
+
+
+def test_cli_client_lifetime_reaches_get_json_and_a_long_grant_is_logged(
+    tmp_path: Path, home: Path, ca: Issued, leaf: Issued, p12: Path
+) -> None:
+    """`mpagent emulator --client 'ID=S;lifetime=3599'`: get --json (agent and --no-agent) shows
+    that lifetime, and a 121 s grant is served with a warning in the emulator's log."""
+    trust = write_pem(tmp_path / "ca.pem", ca.cert)
+    client = f"{CLIENT_ID}={SCOPES[0]},{SCOPES[1]};lifetime=3599"
+    with emulator_process(tmp_path, "--trust", str(trust), "--client", client) as (emu, log):
+        profile = {"environment": emu.issuer, "client_id": CLIENT_ID, "scopes": [SCOPES[0]]}
+        config = write_config(tmp_path / "config.toml", {"dev": profile | {"keystore": p12}})
+        env = {"MPAGENT_KEYSTORE_PASSWORD": PASSWORD, "MPAGENT_NO_AUTOSTART": "1"}
+        agent = AgentProcess(config, tmp_path / "agent.log", env=env).wait_ready()
+        try:
+            through_agent = run_cli("--config", str(config), "get", SCOPES[0], "--json", env=env)
+        finally:
+            agent.stop()
+        here = run_cli("--config", str(config), "get", SCOPES[1], "--json", "--no-agent", env=env)
+        now = int(time.time())
+        claims = {"aud": emu.issuer, "iss": CLIENT_ID, "iat": now, "exp": now + 121}
+        claims |= {"jti": str(uuid.uuid4()), "scope": SCOPES[0]}
+        long = jwt.encode(claims, leaf.key, algorithm="RS256", headers={"x5c": x5c(leaf.cert)})
+        resp = post(emu, long)
+    for result in (through_agent, here):
+        assert result.returncode == 0, result.stderr
+        assert 3590 <= json.loads(result.stdout)["expires_in"] <= 3599, result.stdout
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["expires_in"] == 3599
+    text = log.read_text()
+    assert f"WARNING grant from client {CLIENT_ID}: exp - iat is 121 s: accepted" in text
+    assert text.count(f"INFO token issued to client {CLIENT_ID}") == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--client", "app=a:read;lifetime=7201"],
+            "--client 'app=a:read;lifetime=7201': lifetime 7201: Maskinporten gives a client "
+            "at most 7200 s (2 hours); use 7200 or less",
+        ),
+        (
+            ["--client", "app=a:read;ttl=60"],
+            "--client 'app=a:read;ttl=60': unknown option 'ttl'; "
+            "expected CLIENT_ID=SCOPE[,SCOPE...][;lifetime=SECONDS]",
+        ),
+        (
+            ["--client", "app=a:read;lifetime=1h"],
+            "--client 'app=a:read;lifetime=1h': lifetime '1h' is not a whole number of seconds",
+        ),
+        (
+            ["--client", "app:a:read"],
+            "--client 'app:a:read': expected CLIENT_ID=SCOPE[,SCOPE...][;lifetime=SECONDS]",
+        ),
+        (
+            ["--token-lifetime", "7201"],
+            "--token-lifetime 7201: Maskinporten gives a client at most 7200 s (2 hours); "
+            "use 7200 or less",
+        ),
+    ],
+)
+def test_cli_bad_lifetime_or_client_syntax_exits_78_naming_it(
+    args: list[str], message: str
+) -> None:
+    """`mpagent emulator` with a bad --client or a lifetime over 7200 s exits 78 with one line."""
+    result = run_cli("emulator", *args, timeout=30)
+    assert result.returncode == 78, result.stderr
+    assert result.stdout == ""
+    assert result.stderr == f"mpagent: {message}\n"
+
+
+def test_cli_help_describes_every_emulator_option_with_its_default() -> None:
+    """`mpagent emulator --help` exits 0 and every option has a help text stating its default."""
+    [subparsers] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    options = [a for a in subparsers.choices["emulator"]._actions if a.dest != "help"]
+    own = {"host", "port", "client", "trust", "jwk", "token_lifetime"}
+    assert own <= {a.dest for a in options}
+    for action in options:
+        assert action.help and "(default: " in action.help, action.option_strings
+    result = run_cli("emulator", "--help", timeout=30)
+    assert result.returncode == 0, result.stderr
+    flat = " ".join(result.stdout.split())
+    for action in options:
+        assert " ".join(action.help.split()) in flat, action.help
+    assert "lifetime=3599" in flat and "(default: 120, Maskinporten's default)" in flat
 
 
 def make_intermediate(ca: Issued) -> Issued:

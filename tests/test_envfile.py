@@ -14,10 +14,18 @@ from mpagent import envfile
 
 
 def test_variable_names() -> None:
-    """Scope sets become MASKINPORTEN_TOKEN_ + upper-case with runs of other characters as _."""
-    assert envfile.variable_name("idporten:dcr.read", {}) == "MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ"
-    assert envfile.variable_name("a:b c/d", {}) == "MASKINPORTEN_TOKEN_A_B_C_D"
-    assert envfile.variable_name("idporten:dcr.read", {"idporten:dcr.read": "DCR"}) == "DCR"
+    """A token is MASKINPORTEN_TOKEN_<PROFILE>_<SCOPES> (upper-case, runs of other characters
+    as _); the default profile's also has the short MASKINPORTEN_TOKEN_<SCOPES>; env_names
+    replaces both."""
+    names = envfile.variable_names
+    assert names("test", "idporten:dcr.read", {}, short=False) == (
+        "MASKINPORTEN_TOKEN_TEST_IDPORTEN_DCR_READ",
+    )
+    assert names("my-prod", "a:b c/d", {}, short=True) == (
+        "MASKINPORTEN_TOKEN_MY_PROD_A_B_C_D",
+        "MASKINPORTEN_TOKEN_A_B_C_D",
+    )
+    assert names("test", "idporten:dcr.read", {"idporten:dcr.read": "DCR"}, short=True) == ("DCR",)
 
 
 def test_render_is_sorted_and_plain() -> None:

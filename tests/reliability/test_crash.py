@@ -25,7 +25,7 @@ from .harness import SCRIPTS, DirectoryEvents, RecordingEmulator, alive, env_fil
 KILLS = 10
 LIFETIME = 1  # three keys refreshed about twice a second: several rewrites a second
 KILL_DELAY = (0.0, 0.003)  # after the temp file appears; a write takes about this long
-NAMES = {envfile.variable_name(scope, {}) for scope in SCOPES}
+NAMES = {n for scope in SCOPES for n in envfile.variable_names("dev", scope, {}, short=True)}
 
 
 @pytest.fixture
