@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "func"):
             commands.build_parser().print_help(sys.stderr)
             return 2
+        commands.log_to_stderr(args)
     try:
         return int(args.func(args))
     except MpagentError as exc:
@@ -50,21 +51,27 @@ class FastGetArgs:
 
 
 def parse_fast_get(argv: list[str]) -> FastGetArgs | None:
-    """`get SCOPE... [--profile P] [--min-ttl S] [--json] [--no-start]`, or None to let
-    argparse handle anything else (including every mistake and --help)."""
-    if argv[:1] != ["get"]:
-        return None
+    """`[--config F] [--profile P] get SCOPE... [--config F] [--profile P] [--min-ttl S]
+    [--json] [--no-start]`, or None to let argparse handle anything else (including every
+    mistake and --help). As in argparse, --config and --profile go before or after `get`."""
     args = FastGetArgs()
-    rest = argv[1:]
+    rest = list(argv)
+    command = False
     while rest:
         word = rest.pop(0)
         name, eq, value = word.partition("=")
-        if name in ("--profile", "-p", "--min-ttl") and not eq:
+        if name in ("--config", "--profile", "-p", "--min-ttl") and not eq:
             if not rest:
                 return None
             value = rest.pop(0)
-        if name in ("--profile", "-p"):
+        if name == "--config":
+            args.config = value
+        elif name in ("--profile", "-p"):
             args.profile = value
+        elif not command:
+            if word != "get":
+                return None
+            command = True
         elif name == "--min-ttl":
             try:
                 args.min_ttl = float(value)
@@ -80,7 +87,23 @@ def parse_fast_get(argv: list[str]) -> FastGetArgs | None:
 
 
 def fail(exc: MpagentError) -> None:
-    print(f"mpagent: {exc}", file=sys.stderr)
+    say(str(exc))
+
+
+def say(text: str) -> None:
+    """One `mpagent: ` line on stderr. Text from outside (an issuer's error_description, a
+    scope as typed) may hold control characters: shown escaped, they cannot drive the
+    terminal or break the one-line contract."""
+    print("mpagent: " + printable(text), file=sys.stderr)
+
+
+def printable(text: str) -> str:
+    """C0 and C1 control characters and DEL as `\\xNN`; everything else as it is."""
+    if text.isprintable():
+        return text
+    return "".join(
+        f"\\x{ord(c):02x}" if ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F else c for c in text
+    )
 
 
 def cmd_get(args: "Any") -> int:
@@ -88,7 +111,7 @@ def cmd_get(args: "Any") -> int:
         from mpagent import commands
 
         return commands.get_without_agent(args)
-    reply = dict(ask_agent(args, "get", get_fields(args)))
+    reply = get_token(args)
     write_token(
         reply["token"],
         reply.get("token_type", "Bearer"),
@@ -97,6 +120,15 @@ def cmd_get(args: "Any") -> int:
         args.json,
     )
     return 0
+
+
+def get_token(args: "Any") -> dict[str, str]:
+    """The agent's answer to `get`, after printing the warnings it carries to stderr."""
+    fields = ask_agent(args, "get", get_fields(args))
+    for key, value in fields:
+        if key == "warning":
+            say("warning: " + value)
+    return dict(fields)
 
 
 def get_fields(args: "Any") -> list[tuple[str, str]]:

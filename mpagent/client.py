@@ -36,7 +36,7 @@ def connect(address: str, timeout: float) -> "Channel":
     except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
         sock.close()
         raise AgentNotRunning(
-            f"no agent is listening on {address}; start one with `mpagent agent`"
+            f"no agent is listening on {address}; start one with `mpagent agent`", absent=True
         ) from exc
     except TimeoutError:
         sock.close()

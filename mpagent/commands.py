@@ -4,101 +4,280 @@ Each command imports what it needs inside its own function."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Any
 
-from mpagent.cli import ask_agent, cmd_get, get_fields, profile_name, write_token
+from mpagent.cli import (
+    ask_agent,
+    cmd_get,
+    get_token,
+    printable,
+    profile_name,
+    say,
+    write_token,
+)
+from mpagent.errors import AgentNotRunning, MpagentError
+from mpagent.paths import socket_path
 
 
 def build_parser() -> argparse.ArgumentParser:
     from mpagent import __version__
 
     parser = argparse.ArgumentParser(
-        prog="mpagent", description="A credential agent for Maskinporten."
+        prog="mpagent",
+        description="A credential agent for Maskinporten.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mpagent {__version__}")
-    parser.add_argument(
-        "--config", help="config file (default: MPAGENT_CONFIG or the user config dir)"
-    )
+    parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    parser.add_argument("--profile", "-p", help=PROFILE_HELP)
+    # --config (and --profile, where a command takes one) also after the command. SUPPRESS:
+    # when not given there, the value given before the command is kept.
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
     sub = parser.add_subparsers(metavar="COMMAND")
 
     def command(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[after])
         p.set_defaults(func=func)
         return p
 
+    def profile_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--profile", "-p", default=argparse.SUPPRESS, help=PROFILE_HELP)
+
+    def scopes_argument(p: argparse.ArgumentParser) -> None:
+        p.add_argument("scopes", nargs="+", metavar="SCOPE", help=SCOPE_HELP)
+
     p = command("get", cmd_get, "print an access token for SCOPE (one token for several scopes)")
-    p.add_argument("scopes", nargs="+", metavar="SCOPE")
-    p.add_argument("--profile", "-p")
-    p.add_argument("--json", action="store_true", help="print the token response as JSON")
-    p.add_argument("--min-ttl", type=float, metavar="SECONDS", help="least remaining lifetime")
-    p.add_argument("--no-agent", action="store_true", help="sign and exchange here, no agent")
-    p.add_argument("--no-start", action="store_true", help="do not start an agent if none runs")
+    scopes_argument(p)
+    profile_option(p)
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the token response as JSON: access_token, token_type, expires_in, "
+        "expires_at, scope (default: the token alone)",
+    )
+    p.add_argument("--min-ttl", type=float, metavar="SECONDS", help=MIN_TTL_HELP)
+    p.add_argument(
+        "--no-agent",
+        action="store_true",
+        help="sign a grant and exchange it in this process, without the agent or its cache",
+    )
+    p.add_argument("--no-start", action="store_true", help=NO_START_HELP)
 
     p = command("header", cmd_header, "print `Authorization: Bearer <token>` for curl -H @file")
-    p.add_argument("scopes", nargs="+", metavar="SCOPE")
-    p.add_argument("--profile", "-p")
-    p.add_argument("--min-ttl", type=float, metavar="SECONDS")
-    p.add_argument("--no-start", action="store_true")
+    scopes_argument(p)
+    profile_option(p)
+    p.add_argument("--min-ttl", type=float, metavar="SECONDS", help=MIN_TTL_HELP)
+    p.add_argument("--no-start", action="store_true", help=NO_START_HELP)
 
     p = command("grant", cmd_grant, "print a signed JWT grant for SCOPE (for debugging)")
-    p.add_argument("scopes", nargs="+", metavar="SCOPE")
-    p.add_argument("--profile", "-p")
+    scopes_argument(p)
+    profile_option(p)
 
     p = command("emulator", cmd_emulator, "run a local Maskinporten emulator")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    p.add_argument("--client", action="append", default=[], metavar="CLIENT_ID=SCOPE,SCOPE")
-    p.add_argument("--trust", action="append", default=[], metavar="CA.pem")
-    p.add_argument("--jwk", action="append", default=[], metavar="KID=PUBLIC.pem")
-    p.add_argument("--token-lifetime", type=int, default=120, metavar="SECONDS")
+    p.epilog = (
+        "Prints its issuer URL on the first line of stdout, logs each token request to stderr "
+        "and serves until Ctrl-C. Example: mpagent emulator --trust ca.pem "
+        "--client 'CLIENT_ID=idporten:dcr.read,idporten:dcr.write;lifetime=3599'"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument(
+        "--port", type=int, default=0, help="port to listen on; 0 picks a free one (default: 0)"
+    )
+    p.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="CLIENT_ID=SCOPE[,SCOPE...][;lifetime=SECONDS]",
+        help="register a client, the scopes it may ask for and, optionally, its own "
+        "access-token lifetime (1-7200 s); repeatable (default: no clients)",
+    )
+    p.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="CA.pem",
+        help="trust the CA certificates in this PEM file for x5c grants; repeatable "
+        "(default: none, so only kid grants can pass)",
+    )
+    p.add_argument(
+        "--jwk",
+        action="append",
+        default=[],
+        metavar="KID=PUBLIC.pem",
+        help="register an RSA public key under KID for kid grants; repeatable (default: none)",
+    )
+    p.add_argument(
+        "--token-lifetime",
+        type=int,
+        default=120,
+        metavar="SECONDS",
+        help="access-token lifetime for clients without their own lifetime=, 1-7200 "
+        "(default: 120, Maskinporten's default)",
+    )
 
     command("agent", cmd_agent, "run the agent in the foreground (what systemd/launchd run)")
 
     p = command("status", cmd_status, "show the agent's tokens, deadlines and errors")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--json", action="store_true", help="print the status document as JSON (default: a table)"
+    )
     command("stop", cmd_stop, "stop the agent")
     command("reload", cmd_reload, "re-read the configuration and keys (keeps the old on error)")
+    p = command("refresh", cmd_refresh, "fetch the agent's tokens again now, failed ones included")
+    p.add_argument(
+        "refresh_profile",
+        nargs="?",
+        metavar="PROFILE",
+        help="only this profile's tokens (default: --profile, else every profile)",
+    )
+    profile_option(p)
 
     p = command("env", cmd_env, "print `export NAME=token` lines for eval")
-    p.add_argument("--profile", "-p")
+    profile_option(p)
     p = command("exec", cmd_exec, "run CMD with the token variables in its environment")
-    p.add_argument("--profile", "-p")
-    p.add_argument("--scope", action="append", default=[], metavar="SCOPE")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+    profile_option(p)
+    p.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        metavar="SCOPE",
+        help="put this scope's token in the environment; repeatable "
+        "(default: every scope the profile lists)",
+    )
+    p.add_argument(
+        "cmd",
+        nargs=argparse.REMAINDER,
+        metavar="-- CMD ARGS",
+        help="the command to run and its arguments, after --",
+    )
 
     p = command("service", cmd_service, "install the agent as a systemd/launchd user service")
-    p.add_argument("action", choices=["install", "uninstall", "status"])
-    p.add_argument("--dry-run", action="store_true", help="print every file and command instead")
+    p.add_argument(
+        "action",
+        choices=["install", "uninstall", "status"],
+        help="install and start the service, stop and remove it, or show its state",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print every file and command, change nothing"
+    )
 
     p = command("secret", cmd_secret, "store passwords in the OS keyring")
-    p.add_argument("action", choices=["set", "delete", "status"])
-    p.add_argument("profile", nargs="?")
-    p.add_argument("--key", action="store_true", help="the key password, not the keystore's")
-    p.add_argument("--stdin", action="store_true", help="read one line from stdin, no prompt")
+    p.add_argument(
+        "action",
+        choices=["set", "delete", "status"],
+        help="store a password (prompted, or --stdin), remove it, or show which are stored",
+    )
+    p.add_argument(
+        "profile",
+        nargs="?",
+        default=argparse.SUPPRESS,
+        metavar="PROFILE",
+        help="the profile the password is for (default: --profile, MPAGENT_PROFILE, "
+        "default_profile, else the only profile)",
+    )
+    profile_option(p)
+    p.add_argument(
+        "--key",
+        action="store_true",
+        help="the key password, where it differs from the keystore's (default: the keystore's)",
+    )
+    p.add_argument(
+        "--stdin", action="store_true", help="read the password as one line from stdin, no prompt"
+    )
 
     p = command(
         "doctor", cmd_doctor, "check the configuration, keys, clock and a real token request"
     )
-    p.add_argument("--profile", "-p")
+    profile_option(p)
     p.add_argument("--no-token", action="store_true", help="skip the final token request")
 
     p = command(
         "import-properties", cmd_import_properties, "import a jwt-grant-generator properties file"
     )
-    p.add_argument("file")
-    p.add_argument("--profile", "-p", help="name of the new profile (default: from the file name)")
+    p.epilog = (
+        "Run it where you ran the Java tool: a relative keystore.file is taken from the "
+        "working directory, as Java did. Import test.properties, then prod.properties, to get "
+        "[profiles.test] and [profiles.prod] in one config."
+    )
+    p.add_argument("file", metavar="FILE", help="the jwt-grant-generator .properties file")
+    p.add_argument(
+        "--profile",
+        "-p",
+        default=argparse.SUPPRESS,
+        help="name of the new profile (default: from the file name)",
+    )
 
     p = command("bridge", cmd_bridge, "the token bridge for HTTP tools: make its client secret")
-    p.add_argument("action", choices=["secret"])
-    p.add_argument("--file", action="store_true", help="keep it in a 0600 file, not the keyring")
+    p.add_argument("action", choices=["secret"], help="make a new client secret and store it")
+    p.add_argument(
+        "--file",
+        action="store_true",
+        help="keep it in a 0600 file, not the OS keyring (default: the keyring)",
+    )
     p = command("postman", cmd_postman, "write a Postman environment and collection for the bridge")
-    p.add_argument("--profile", "-p")
-    p.add_argument("--out", default=".", metavar="DIR", help="where to write (default: here)")
+    profile_option(p)
+    p.add_argument(
+        "--out", default=".", metavar="DIR", help="where to write (default: the current directory)"
+    )
 
     command("demo", cmd_demo, "show mpagent working against the built-in emulator")
     return parser
+
+
+CONFIG_HELP = (
+    "the config file (default: MPAGENT_CONFIG, else config.toml in the user config dir, "
+    "~/.config/mpagent/ on Linux)"
+)
+PROFILE_HELP = (
+    "the profile to use (default: MPAGENT_PROFILE, else default_profile, else the only profile)"
+)
+SCOPE_HELP = "a Maskinporten scope, e.g. idporten:dcr.read; several give one token for the set"
+MIN_TTL_HELP = (
+    "the least remaining lifetime the token must have; a newer one is fetched otherwise "
+    "(default: 10 s, or a quarter of the token's lifetime if that is less)"
+)
+NO_START_HELP = (
+    "fail with exit 69 if no agent runs, instead of starting one (default: start one; "
+    "also MPAGENT_NO_AUTOSTART=1)"
+)
+EPILOG = """\
+environment variables:
+  MPAGENT_CONFIG             the config file, when --config is not given
+  MPAGENT_PROFILE            the profile, when --profile is not given
+  MPAGENT_SOCKET             the agent's socket (default: agent.sock in the user runtime dir,
+                             $XDG_RUNTIME_DIR/mpagent/ on Linux)
+  MPAGENT_NO_AUTOSTART=1     `get` never starts an agent (as --no-start)
+  MPAGENT_KEYSTORE_PASSWORD  the keystore password, when the OS keyring has none
+  MPAGENT_KEY_PASSWORD       the key password, where it differs from the keystore's
+  MPAGENT_LOG_LEVEL          the agent's log level: debug, info, warning, error
+                             (default: [agent] log_level)
+  `~` in MPAGENT_CONFIG and MPAGENT_SOCKET is your home directory.
+
+exit status: 0 ok, 2 usage error, 69 no agent, 75 Maskinporten unreachable or failing,
+77 refused by Maskinporten, 78 configuration or keystore error, 1 anything else.
+Run `mpagent COMMAND --help` for a command's options."""
+
+
+class LogFormatter(logging.Formatter):
+    """A command's log records as its other stderr lines: `mpagent: warning: ...`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"mpagent: {record.levelname.lower()}: {printable(record.getMessage())}"
+
+
+def log_to_stderr(args: argparse.Namespace) -> None:
+    """Warnings from the modules a command uses (a clock skew, say) reach stderr in the
+    CLI's own form. Not for the agent and the emulator, which set up their own logging."""
+    if args.func in (cmd_agent, cmd_emulator):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(LogFormatter())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
 def load_config(args: argparse.Namespace) -> Any:
@@ -107,28 +286,42 @@ def load_config(args: argparse.Namespace) -> Any:
     return config.load(args.config)
 
 
-def get_without_agent(args: Any) -> int:
-    """`get --no-agent`: sign and exchange in this process."""
+def load_profile(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The configuration and the profile this command uses. Only that profile must be
+    right: a mistake in another one is a warning on stderr."""
+    cfg = load_config(args)
+    profile = cfg.profile(profile_name(args))
+    for problem in cfg.problems(except_for=profile.name):
+        say(f"warning: {problem}")
+    return cfg, profile
+
+
+def open_profile(args: argparse.Namespace) -> Any:
+    """load_profile, then the profile's key: the exchange, its warnings said on stderr."""
     from mpagent.exchange import open_exchange
 
-    cfg = load_config(args)
-    token = open_exchange(cfg, cfg.profile(profile_name(args))).fetch(args.scopes)
+    exchange = open_exchange(*load_profile(args))
+    for warning in exchange.key.warnings:
+        say(f"warning: {warning}")
+    return exchange
+
+
+def get_without_agent(args: Any) -> int:
+    """`get --no-agent`: sign and exchange in this process."""
+    token = open_profile(args).fetch(args.scopes)
     write_token(token.access_token, token.token_type, token.scope, token.expires_at, args.json)
     return 0
 
 
 def cmd_header(args: argparse.Namespace) -> int:
     """For `curl -H @<(mpagent header S)`: the token never appears in any argv."""
-    reply = dict(ask_agent(args, "get", get_fields(args)))
+    reply = get_token(args)
     sys.stdout.write(f"Authorization: Bearer {reply['token']}\n")
     return 0
 
 
 def cmd_grant(args: argparse.Namespace) -> int:
-    from mpagent.exchange import open_exchange
-
-    cfg = load_config(args)
-    sys.stdout.write(open_exchange(cfg, cfg.profile(args.profile)).grant(args.scopes) + "\n")
+    sys.stdout.write(open_profile(args).grant(args.scopes) + "\n")
     return 0
 
 
@@ -137,6 +330,11 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
     from mpagent.emulator import Emulator
 
+    # What it issued, refused and warned about (e.g. a grant longer than the documented 120 s)
+    # is what a developer runs it to see.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s mpagent emulator %(levelname)s %(message)s"
+    )
     emulator = Emulator.from_files(
         host=args.host,
         port=args.port,
@@ -162,10 +360,24 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return agent.run(args.config)
 
 
+def ask_running_agent(
+    args: argparse.Namespace, verb: str, absent: str, fields: list[tuple[str, str]] | None = None
+) -> dict[str, str]:
+    """One request to the agent that is running, never starting one; with none, the error
+    says so plainly and `absent` says what that means for this command."""
+    try:
+        return dict(ask_agent(args, verb, fields, start=False))
+    except AgentNotRunning as exc:
+        if not exc.details.get("absent"):
+            raise
+        raise AgentNotRunning(f"no agent is running on {socket_path()}; {absent}") from None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    document = json.loads(dict(ask_agent(args, "status", start=False))["json"])
+    starts = "`mpagent get SCOPE` starts one, or run `mpagent agent`"
+    document = json.loads(ask_running_agent(args, "status", starts)["json"])
     if args.json:
         print(json.dumps(document, indent=2))
         return 0
@@ -176,28 +388,69 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    ask_agent(args, "stop", start=False)
+    reply = ask_running_agent(args, "stop", "nothing to stop")
+    pid = f" (pid {reply['pid']})" if reply.get("pid") else ""
+    say(f"stopped the agent{pid} on {socket_path()}")
     return 0
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    ask_agent(args, "reload", start=False)
-    print("mpagent: reloaded", file=sys.stderr)
+    import json
+
+    reply = ask_running_agent(
+        args, "reload", "nothing to reload: an agent reads the configuration when it starts"
+    )
+    say("reloaded")
+    document = json.loads(reply["json"]) if "json" in reply else {}
+    for name, message in sorted((document.get("unusable") or {}).items()):
+        say(f"profile {name} cannot be used: {message}")
     return 0
 
 
-def token_variables(args: argparse.Namespace, scopes: list[str]) -> dict[str, str]:
-    """NAME → token for the given scopes, or for every scope the profile configures."""
-    from mpagent import envfile
+def cmd_refresh(args: argparse.Namespace) -> int:
+    """Every token of the profile (or of all) fetched again now; exit 0 if all worked, else
+    the exit status of the first failure."""
+    import json
 
-    profile = load_config(args).profile(profile_name(args))
+    profile = args.refresh_profile or args.profile
+    fields = [("profile", profile)] if profile else []
+    reply = ask_running_agent(args, "refresh", "nothing to refresh", fields)
+    results = json.loads(reply["json"])
+    if not results:
+        say(f"no tokens to refresh{f' for profile {profile}' if profile else ''}")
+    status = 0
+    for result in results:
+        name = f"{result['profile']}:{result['scope']}"
+        if result["ok"]:
+            say(f"refreshed {name}")
+            continue
+        error = MpagentError.from_wire(
+            result["error"] or {"message": "the agent reported neither a token nor an error"}
+        )
+        say(f"{name} failed: {error}")
+        status = status or error.exit_code
+    return status
+
+
+def token_variables(args: argparse.Namespace, scopes: list[str]) -> dict[str, str]:
+    """NAME → token for the given scopes, or for every scope the profile configures, under
+    the names the env file uses."""
+    from mpagent import envfile
+    from mpagent.config import scope_string
+
+    cfg = load_config(args)
+    profile = cfg.profile(profile_name(args))
     variables = {}
     for scope in scopes or profile.scopes:
         fields = [("scope", scope), ("profile", profile.name)]
         reply = dict(ask_agent(args, "get", fields))
-        name = envfile.variable_name(scope, profile.env_names)
-        variables[name] = reply["token"]
-        variables[name + "_EXPIRES_AT"] = str(int(float(reply["expires_at"])))
+        expires_at = str(int(float(reply["expires_at"])))
+        short = profile.name == cfg.default_name
+        for name in envfile.variable_names(
+            profile.name, scope_string([scope]), profile.env_names, short=short
+        ):
+            variables[name] = reply["token"]
+            variables[name + "_EXPIRES_AT"] = expires_at
     return variables
 
 
@@ -273,15 +526,15 @@ def cmd_postman(args: argparse.Namespace) -> int:
     from mpagent import bridge, postman
     from mpagent.errors import ConfigError
 
-    cfg = load_config(args)
-    profile = cfg.profile(profile_name(args))
+    cfg, profile = load_profile(args)
     if cfg.bridge.listen is None:
         raise ConfigError(
             f"{cfg.path}: the token bridge is off, and Postman gets its tokens from it; add "
             '[bridge] with listen = "127.0.0.1:8765", restart the agent, run `mpagent bridge secret`'
         )
     url = bridge.token_url(cfg.bridge.listen)
-    documents = postman.documents(profile.name, url, profile.scopes[0])
+    # A profile without scopes: the environment's scope variable is for the user to fill in.
+    documents = postman.documents(profile.name, url, next(iter(profile.scopes), "SCOPE"))
     for path in postman.write(Path(args.out), documents):
         print(f"wrote {path}")
     print(

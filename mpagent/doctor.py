@@ -12,24 +12,15 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
-from urllib.parse import urlsplit
 
-from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from mpagent import config as config_module
 from mpagent import errors
-from mpagent.config import ENVIRONMENTS, Profile, is_loopback
+from mpagent.config import ENVIRONMENTS, Profile
 from mpagent.exchange import Exchange, load_key
 from mpagent.issuer import Issuer, hint_for
-from mpagent.keys import (
-    Passwords,
-    SigningKey,
-    certificate_warning,
-    days_left,
-    describe,
-    load_signing_key,
-)
+from mpagent.keys import Passwords, SigningKey, days_left, describe, key_usages
 from mpagent.passwords import ProfilePasswords
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
@@ -38,8 +29,6 @@ SKEW_WARN, SKEW_FAIL = 5.0, 10.0  # Maskinporten allows 10 s
 # Test CAs say so in their name: "Buypass Class 3 Test4 CA G2 ST Business", "Commfides CPN
 # Enterprise-Norwegian SHA256 CA - TEST2", "mpagent throwaway test CA". Production ones do not.
 _TEST_CA = re.compile(r"\btest", re.IGNORECASE)
-_HOSTS = {"test.maskinporten.no": "test", "test.sky.maskinporten.no": "test"}
-_HOSTS |= {"maskinporten.no": "prod", "sky.maskinporten.no": "prod"}
 KEYSTORE_ROWS = ("keystore opens", "the alias holds a private key", "key and certificate match")
 CERTIFICATE_ROWS: tuple[str, ...] = ("key usage includes digitalSignature", "certificate validity")
 CERTIFICATE_ROWS += ("certificate fits the environment",)
@@ -47,7 +36,6 @@ CERTIFICATE_ROWS += ("certificate fits the environment",)
 _KEY_CHECKS = {"alias_not_found", "trusted_cert_alias", "no_private_key", "several_keys"}
 _KEY_CHECKS |= {"wrong_key_password", "not_rsa", "unreadable_key"}
 _MATCH_CHECKS = ("key_certificate_mismatch", "no_certificate", "unreadable_certificate")
-_CERT_CHECKS = ("not_digital_signature", "certificate_expired", "certificate_not_yet_valid")
 _SECRET_FIX = {  # a fix line of its own for the password failures, as for every other row
     "wrong_store_password": "mpagent secret set {p}   (or export MPAGENT_KEYSTORE_PASSWORD)",
     "no_password": "mpagent secret set {p}   (or export MPAGENT_KEYSTORE_PASSWORD)",
@@ -86,29 +74,23 @@ def check_config(path: str | None, name: str | None) -> tuple[Result, Any, Profi
     except errors.ConfigError as exc:
         return failed("config", str(exc), code=exc.exit_code), None, None
     where = f"{cfg.path}, profile {profile.name} ({profile.environment})"
+    others = cfg.problems(except_for=profile.name)
+    if others:  # another profile's mistake does not stop this one
+        fix = "fix the other profiles too, or remove them; this one is checked below"
+        return Result(WARN, "config", f"{where}; " + "; ".join(others), fix), cfg, profile
     return ok("config", where), cfg, profile
 
 
 def check_keystore(
     profile: Profile, passwords: Passwords
-) -> tuple[list[Result], SigningKey | None, Sequence[str]]:
-    """The keystore rows, the key if it loads, and the other private keys' aliases when known.
-    A certificate error is left to the certificate rows: the key is loaded again without it."""
+) -> tuple[list[Result], SigningKey | None]:
+    """The keystore rows and the key if it loads, once, as the agent loads it, except that a
+    certificate error is kept on the key (`problems`) for the certificate rows to show."""
     try:
-        key = load_key(profile, passwords)  # exactly as the agent loads it
+        key = load_key(profile, passwords, strict=False)
     except errors.ConfigError as exc:
-        if exc.details.get("check") not in _CERT_CHECKS:
-            return _keystore_failure(profile, exc), None, ()
-        key = load_signing_key(
-            profile.keystore,
-            keystore_type=profile.keystore_type,
-            alias=profile.alias,
-            certificate=profile.certificate,
-            passwords=passwords,
-            x5c_mode=False,
-        )
-        return _keystore_rows(key), key, exc.details.get("aliases", ())
-    return _keystore_rows(key), key, ()
+        return _keystore_failure(profile, exc), None
+    return _keystore_rows(key), key
 
 
 def _keystore_rows(key: SigningKey) -> list[Result]:
@@ -128,34 +110,35 @@ def _keystore_failure(profile: Profile, exc: errors.ConfigError) -> list[Result]
     return rows + [skipped(title, why) for title in KEYSTORE_ROWS[row + 1 :]]
 
 
-def check_key_usage(key: SigningKey, other_aliases: Sequence[str] = ()) -> Result:
-    title, leaf = CERTIFICATE_ROWS[0], key.chain[0]
-    try:
-        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        return ok(title, "no key usage extension (no restriction)")
-    if usage.digital_signature:
-        return ok(title, "digitalSignature")
-    detail = (
-        f"the certificate ({describe(leaf)}) lacks digitalSignature: it is the"
-        " non-repudiation (signing) certificate, which Maskinporten does not accept"
+def check_key_usage(key: SigningKey) -> Result:
+    """A warning (!) when the certificate lacks digitalSignature: Maskinporten may refuse it."""
+    title = CERTIFICATE_ROWS[0]
+    found = [p.details for p in key.problems if p.check == "not_digital_signature"]
+    if found:
+        usage = found[0]
+        detail = (
+            f"the certificate ({usage['subject']}) has key usage {usage['usages']}, not"
+            " digitalSignature: Maskinporten may refuse it (MP-120)"
+        )
+        return Result(WARN, title, detail, f"if it does, {usage['instead']}")
+    usages = key_usages(key.chain[0])
+    return ok(
+        title, "no key usage extension (no restriction)" if usages is None else ", ".join(usages)
     )
-    others = ", ".join(repr(a) for a in other_aliases)
-    fix = "set `alias` to the entry holding the authentication certificate"
-    return failed(title, detail, fix + (f" (other private keys here: {others})" if others else ""))
 
 
 def check_validity(key: SigningKey, now: dt.datetime) -> Result:
     title, leaf = CERTIFICATE_ROWS[1], key.chain[0]
     start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
-    if now < start:
+    found = {p.check: p for p in key.problems}
+    if "certificate_not_yet_valid" in found:
         return failed(title, f"not valid before {start:%Y-%m-%d %H:%M} UTC", "check the clock")
-    if now > end:
+    if "certificate_expired" in found:
         fix = "order a renewed certificate and point `keystore` at it"
         return failed(title, f"expired on {end:%Y-%m-%d} ({-days_left(key, now)} days ago)", fix)
-    warning = certificate_warning(key, now)
-    if warning:
-        return Result(WARN, title, warning, "order a renewed certificate now")
+    if "certificate_expiring" in found:
+        detail = found["certificate_expiring"].message
+        return Result(WARN, title, detail, "order a renewed certificate now")
     return ok(title, f"valid until {end:%Y-%m-%d} ({days_left(key, now)} days left)")
 
 
@@ -164,11 +147,12 @@ def is_test_ca(issuer_name: str) -> bool:
 
 
 def environment_kind(environment: str) -> str | None:
-    """ "test" or "prod"; None for a URL that says neither. Loopback (the emulator) is test."""
+    """ "test" or "prod" for those names and their issuers (trailing slash or not); None for
+    any other issuer (the emulator, Skyporten, a custom URL), whose CA doctor cannot judge."""
     if environment in ENVIRONMENTS:
         return environment
-    host = (urlsplit(environment).hostname or "").lower()
-    return "test" if is_loopback(host) else _HOSTS.get(host)
+    url = environment.strip().rstrip("/").lower() + "/"
+    return next((name for name, issuer in ENVIRONMENTS.items() if issuer == url), None)
 
 
 def check_environment(key: SigningKey, environment: str) -> Result:
@@ -177,7 +161,7 @@ def check_environment(key: SigningKey, environment: str) -> Result:
     ca = ", ".join(str(n.value) for n in names) or issuer.rfc4514_string()
     kind, wanted = ("test" if is_test_ca(ca) else "prod"), environment_kind(environment)
     if wanted is None:
-        return skipped(title, f"{environment} is neither test nor prod; issuer {ca} ({kind} CA)")
+        return skipped(title, f"cannot tell for this issuer ({environment}); {kind} CA {ca}")
     if kind == wanted:
         return ok(title, f"{kind} CA ({ca}) for a {wanted} environment")
     detail = f"a {kind} certificate (issuer {ca}) in {wanted}: Maskinporten refuses it (MP-120)"
@@ -228,9 +212,11 @@ def check_token(exchange: Exchange, scope: str) -> Result:
 
 
 def explain(exc: errors.IssuerRejected) -> str:
-    """The next step for a refusal."""
+    """The next step for a refusal: the likely cause exchange found first (the key usage)."""
+    cause = exc.details.get("likely_cause")
     found = hint_for(exc.mp_code, exc.error, exc.error_description or "")
-    return found or "check the client's registration with Digdir"
+    steps = [f"likely cause: {cause}" if cause else "", found]
+    return "; ".join(filter(None, steps)) or "check the client's registration with Digdir"
 
 
 # -- running and rendering
@@ -241,8 +227,8 @@ def run(config_path: str | None, profile_name: str | None, no_token: bool = Fals
     if profile is None:
         later = (*KEYSTORE_ROWS, *CERTIFICATE_ROWS, "metadata reachable", "clock", "token request")
         return [result, *(skipped(title, "needs a valid configuration") for title in later)]
-    rows, key, aliases = check_keystore(profile, ProfilePasswords(profile.name))
-    results = [result, *rows, *_certificate_checks(profile, key, aliases)]
+    rows, key = check_keystore(profile, ProfilePasswords(profile.name))
+    results = [result, *rows, *_certificate_checks(profile, key)]
     http = cfg.http
     issuer = Issuer(
         profile.environment, connect_timeout=http.connect_timeout, read_timeout=http.read_timeout
@@ -259,9 +245,7 @@ def run(config_path: str | None, profile_name: str | None, no_token: bool = Fals
     return results + [check_token(exchange, scope) for scope in profile.scopes]
 
 
-def _certificate_checks(
-    profile: Profile, key: SigningKey | None, aliases: Sequence[str]
-) -> list[Result]:
+def _certificate_checks(profile: Profile, key: SigningKey | None) -> list[Result]:
     if key is None:
         return [skipped(title, "needs the key and certificate") for title in CERTIFICATE_ROWS]
     kid = profile.kid or key.kid
@@ -269,7 +253,7 @@ def _certificate_checks(
         why = f"kid mode (kid {kid!r}): no certificate is sent"
         return [skipped(title, why) for title in CERTIFICATE_ROWS]
     now = dt.datetime.now(dt.UTC)
-    usage, validity = check_key_usage(key, aliases), check_validity(key, now)
+    usage, validity = check_key_usage(key), check_validity(key, now)
     return [usage, validity, check_environment(key, profile.environment)]
 
 
@@ -290,6 +274,8 @@ def exit_status(results: Sequence[Result]) -> int:
 
 
 def main(args: Any, out: TextIO) -> int:
-    results = run(args.config, args.profile, args.no_token)
+    from mpagent.cli import profile_name
+
+    results = run(args.config, profile_name(args), args.no_token)
     out.write(render(results))
     return exit_status(results)

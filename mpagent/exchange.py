@@ -13,12 +13,16 @@ from collections.abc import Callable, Iterable
 
 from mpagent import grant
 from mpagent.config import Config, Profile
-from mpagent.errors import MpagentError
-from mpagent.issuer import Issuer, Token, fingerprint
-from mpagent.keys import Passwords, SigningKey, load_signing_key
+from mpagent.errors import IssuerRejected, MpagentError
+from mpagent.issuer import Issuer, Token, fingerprint, hint_for
+from mpagent.keys import Passwords, SigningKey, load_signing_key, usage_cause
 from mpagent.passwords import ProfilePasswords
 
 log = logging.getLogger(__name__)
+
+# Refusals that a certificate Maskinporten will not take can give: "invalid certificate",
+# "invalid signature", the generic "client authentication failed".
+_CERTIFICATE_CODES = ("MP-120", "MP-124", "MP-100")
 
 
 class Exchange:
@@ -44,7 +48,14 @@ class Exchange:
         return grant.sign(self.key, body, kid=self.profile.kid, algorithm=self.profile.algorithm)
 
     def fetch(self, scopes: Iterable[str]) -> Token:
-        token = self.issuer.request_token(self.grant(scopes))
+        try:
+            token = self.issuer.request_token(self.grant(scopes))
+        except IssuerRejected as exc:
+            cause = usage_cause(self.key)
+            if cause is None or not may_be_the_certificate(exc):
+                raise
+            message = f"{exc.message}. Likely cause: {cause}"
+            raise type(exc)(message, **exc.details, likely_cause=cause) from exc
         log.debug(
             "profile %s: token %s for %r, %.0f s",
             self.profile.name,
@@ -55,7 +66,19 @@ class Exchange:
         return token
 
 
-def load_key(profile: Profile, passwords: Passwords | None = None) -> SigningKey:
+def may_be_the_certificate(exc: IssuerRejected) -> bool:
+    """Whether a refusal may come from the certificate: by its MP code, or an invalid_grant
+    without a code or a known other cause. Scope and delegation refusals come after the
+    certificate was accepted; clock, aud and replay refusals name their own cause."""
+    if exc.mp_code is not None:
+        return exc.mp_code in _CERTIFICATE_CODES
+    known = hint_for(None, exc.error, exc.error_description or "")
+    return exc.error == "invalid_grant" and not known
+
+
+def load_key(
+    profile: Profile, passwords: Passwords | None = None, *, strict: bool = True
+) -> SigningKey:
     try:
         return load_signing_key(
             profile.keystore,
@@ -64,6 +87,7 @@ def load_key(profile: Profile, passwords: Passwords | None = None) -> SigningKey
             certificate=profile.certificate,
             passwords=passwords or ProfilePasswords(profile.name),
             x5c_mode=profile.kid is None,
+            strict=strict,
         )
     except MpagentError as exc:
         # keys.py knows files, not profiles: name the profile in its "how to fix" hints.

@@ -10,10 +10,13 @@ from __future__ import annotations
 import email.utils
 import logging
 import re
+import socket
+import ssl
 import time
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 
@@ -21,10 +24,14 @@ from mpagent.config import ENVIRONMENTS
 from mpagent.errors import IssuerRejected, IssuerUnavailable
 
 log = logging.getLogger(__name__)
+E = TypeVar("E", bound=BaseException)
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 METADATA_PATH = ".well-known/oauth-authorization-server"
 SKEW_WARNING = 5.0  # Maskinporten allows 10 s; warn at half of that.
+SKEW_ALLOWED = 10.0
+# Environments whose clock skew has been logged: once per process, not once per response.
+_skew_warned: set[str] = set()
 _MP_CODE = re.compile(r"(MP-\d+)")
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
@@ -114,21 +121,15 @@ class Issuer:
         )
         self._note_skew(response, requested_at)
         if 400 <= response.status_code < 500 and response.status_code != 429:
-            raise rejection(response)
+            raise rejection(response, self.skew)
         body = self._json(response, endpoint)
         return parse_token(body, requested_at, endpoint)
 
     def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         try:
             response = self.session.request(method, url, timeout=self.timeout, **kwargs)
-        except requests.Timeout as exc:
-            raise IssuerUnavailable(
-                f"{url} did not answer within {self.timeout[1]:g} s; try again, or check the network"
-            ) from exc
         except requests.RequestException as exc:
-            raise IssuerUnavailable(
-                f"cannot reach {url}: {type(exc).__name__}; check the network and the environment setting"
-            ) from exc
+            raise IssuerUnavailable(unreachable(exc, url, self.timeout)) from exc
         if response.status_code == 429 or response.status_code >= 500:
             raise IssuerUnavailable(
                 f"{url} answered HTTP {response.status_code}; Maskinporten is failing, will retry"
@@ -151,12 +152,82 @@ class Issuer:
         if skew is None:
             return
         self.skew = skew
-        if abs(skew) > SKEW_WARNING + 0.5:
-            log.warning(
-                "the local clock is %.0f s %s Maskinporten's (it allows 10 s); fix the clock (NTP)",
-                abs(skew),
-                "behind" if skew > 0 else "ahead of",
-            )
+        if abs(skew) <= SKEW_WARNING + 0.5:
+            _skew_warned.discard(self.environment)  # in step again: warn anew if it drifts
+        elif self.environment not in _skew_warned:
+            _skew_warned.add(self.environment)
+            log.warning("%s (it allows %g s)", clock_hint(skew), SKEW_ALLOWED)
+
+
+def clock_hint(skew: float) -> str:
+    """How far off this machine's clock is (skew = issuer's clock minus ours), and the fix."""
+    side = "behind" if skew > 0 else "ahead of"
+    return (
+        f"this machine's clock is {abs(skew):.0f} s {side} Maskinporten's; "
+        "fix the system clock (enable NTP, e.g. `timedatectl set-ntp true`)"
+    )
+
+
+def unreachable(exc: requests.RequestException, url: str, timeout: tuple[float, float]) -> str:
+    """What requests' exception means, for a person: DNS, refused, TLS, timeout or other."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or url
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    causes = list(_causes(exc))
+    if isinstance(exc, requests.ConnectTimeout):
+        return (
+            f"cannot reach {url}: connecting to {host}:{port} timed out after {timeout[0]:g} s; "
+            "check the network, or raise [http] connect_timeout"
+        )
+    if isinstance(exc, requests.Timeout):
+        return (
+            f"{url} did not answer: timed out after {timeout[1]:g} s; "
+            "try again, or raise [http] read_timeout"
+        )
+    if dns := _first(causes, socket.gaierror):
+        return (
+            f"cannot reach {url}: cannot resolve {host} ({dns.strerror}); "
+            "check the network (DNS) and `environment`"
+        )
+    if _first(causes, ConnectionRefusedError):
+        return f"cannot reach {url}: connection refused by {host}:{port}; check `environment`"
+    if untrusted := _first(causes, ssl.SSLCertVerificationError):
+        return (
+            f"cannot reach {url}: TLS certificate of {host} not trusted: "
+            f"{untrusted.verify_message or untrusted.reason}; if a proxy inspects TLS, set "
+            "REQUESTS_CA_BUNDLE to a file with its CA certificate"
+        )
+    if tls := _first(causes, ssl.SSLError):
+        return (
+            f"cannot reach {url}: TLS with {host} failed ({tls.reason or tls}); check "
+            "`environment` (http or https?)"
+        )
+    if closed := _first(causes, ConnectionError):  # the builtin: reset, or closed (http.client)
+        return (
+            f"cannot reach {url}: {host} closed the connection without an answer "
+            f"({closed.strerror or closed}); try again"
+        )
+    strerror = next((c.strerror for c in causes if isinstance(c, OSError) and c.strerror), None)
+    return f"cannot reach {url}: {strerror or causes[-1]}; check the network and `environment`"
+
+
+def _first(causes: list[BaseException], kind: type[E]) -> E | None:
+    return next((c for c in causes if isinstance(c, kind)), None)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """exc and what it wraps: requests and urllib3 nest the OS error in args and `reason`."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        inner = [getattr(current, "reason", None), current.__cause__, current.__context__]
+        inner += current.args
+        todo += [e for e in inner if isinstance(e, BaseException)]
 
 
 def skew_from_date(date: str | None, sent: float, received: float) -> float | None:
@@ -191,8 +262,9 @@ def parse_token(body: dict[str, Any], requested_at: float, url: str) -> Token:
     )
 
 
-def rejection(response: requests.Response) -> IssuerRejected:
-    """Maskinporten's error JSON as an IssuerRejected, its description shown verbatim."""
+def rejection(response: requests.Response, skew: float | None = None) -> IssuerRejected:
+    """Maskinporten's error JSON as an IssuerRejected, its description shown verbatim; `skew`
+    (from the Date header) says how far off the clock is when that is the likely cause."""
     try:
         body = response.json()
     except ValueError:
@@ -204,7 +276,7 @@ def rejection(response: requests.Response) -> IssuerRejected:
     found = _MP_CODE.search(str(body.get("error_uri") or "")) or _MP_CODE.search(description)
     mp_code = found.group(1) if found else None
     code = f" [{mp_code}]" if mp_code else ""
-    hint = hint_for(mp_code, error, description)
+    hint = hint_for(mp_code, error, description, skew)
     return IssuerRejected(
         f"Maskinporten refused the grant: {error}{code}: {description}"
         + (f" — {hint}" if hint else ""),
@@ -219,7 +291,7 @@ HINTS = {
     "MP-100": "check client_id and that the client belongs to this environment (test vs prod)",
     "MP-110": "the grant's aud must be the issuer; check `environment`",
     "MP-120": "check the certificate: test certificates work only in test, production ones only in prod; "
-    "it must be valid and the authentication (digitalSignature) certificate",
+    "it must be valid; if it lacks key usage digitalSignature, try the authentication certificate",
     "MP-121": "the registered key is older than a year; upload a new key and set kid",
     "MP-122": "the certificate belongs to another organisation than the client",
     "MP-124": "the signature does not match: wrong alias or key",
@@ -239,8 +311,19 @@ HINTS_BY_TEXT = {
 }
 
 
-def hint_for(mp_code: str | None, error: str | None, description: str) -> str:
-    """The next step for a refusal: by MP code, else by its description, else by its error."""
+# Refusals that mean the grant's iat/exp disagree with Maskinporten's clock.
+CLOCK_CODES = ("MP-130",)
+CLOCK_TEXTS = ("Issue time is after now", "JWT is expired")
+
+
+def hint_for(
+    mp_code: str | None, error: str | None, description: str, skew: float | None = None
+) -> str:
+    """The next step for a refusal: the clock when it is off by more than Maskinporten allows
+    or the refusal is about time, else by MP code, by description, by error."""
+    about_time = mp_code in CLOCK_CODES or any(text in description for text in CLOCK_TEXTS)
+    if skew is not None and (abs(skew) > SKEW_ALLOWED or (about_time and abs(skew) >= 1)):
+        return clock_hint(skew)
     if mp_code in HINTS:
         return HINTS[mp_code]
     for text, hint in HINTS_BY_TEXT.items():

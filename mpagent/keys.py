@@ -3,6 +3,8 @@ that Maskinporten would otherwise fail on obscurely (MASKINPORTEN.md §5).
 
 Each classic mistake is its own KeystoreError that names the file, says what to do next and
 carries a `check` detail (a key of `MESSAGES`), so tests and `mpagent doctor` can tell them apart.
+The certificate is judged by one pure function, `certificate_problems`: what Maskinporten
+certainly refuses is an error, what it may refuse a warning the key carries (`warnings`).
 Passwords are asked for only when the material is encrypted, and never reach a message.
 """
 
@@ -13,8 +15,8 @@ import datetime as dt
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -65,17 +67,39 @@ MESSAGES = {
     " issued for this key",
     "no_certificate": "no certificate to send as x5c: set `certificate` to a PEM file with the"
     " key's certificate chain, or set `kid` to the key id registered with Digdir",
-    "not_digital_signature": "the certificate ({subject}) lacks key usage digitalSignature: this"
-    " is the non-repudiation (signing) certificate; use the authentication certificate instead"
-    " (other private-key aliases in this keystore: {shown})",
+    "not_digital_signature": "the certificate ({subject}) has key usage {usages}, not"
+    " digitalSignature: Maskinporten may refuse it (MP-120). If it does, {instead}",
     "certificate_expired": "the certificate ({subject}) expired on {not_after} (valid from"
     " {not_before}); order a renewed certificate and point `keystore` at it",
     "certificate_not_yet_valid": "the certificate ({subject}) is not valid until {not_before}"
     " (valid to {not_after}); check this machine's clock",
+    "certificate_expiring": "the certificate ({subject}) expires in {days} days, on {end}",
     "jks_unsupported": "reading JKS needs the pyjks package, which is not installed. Convert the"
-    " keystore to PKCS#12:\n  keytool -importkeystore -srckeystore {source} -srcstoretype JKS"
-    " -destkeystore {p12} -deststoretype PKCS12\nthen point `keystore` at {p12}",
+    " keystore to PKCS#12: `keytool -importkeystore -srckeystore {source} -srcstoretype JKS"
+    " -destkeystore {p12} -deststoretype PKCS12`, then point `keystore` at {p12}",
 }
+
+
+ERROR, WARNING = "error", "warning"
+EXPIRY_WARNING_DAYS = 30
+# RFC 5280 KeyUsage bits by the names certificate viewers and Digdir's docs use.
+_USAGES = {"digital_signature": "digitalSignature", "content_commitment": "nonRepudiation"}
+_USAGES |= {"key_encipherment": "keyEncipherment", "data_encipherment": "dataEncipherment"}
+_USAGES |= {"key_agreement": "keyAgreement", "key_cert_sign": "keyCertSign", "crl_sign": "cRLSign"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding about a certificate. An ERROR makes the key unusable; a WARNING is shown
+    and the key is used. `check` is a key of MESSAGES, `details` its JSON-safe values."""
+
+    severity: str  # ERROR or WARNING
+    check: str
+    details: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    @property
+    def message(self) -> str:
+        return MESSAGES[self.check].format(**self.details)
 
 
 class Passwords(Protocol):
@@ -92,6 +116,12 @@ class SigningKey:
     chain: tuple[x509.Certificate, ...]
     kid: str | None
     source: str
+    problems: tuple[Problem, ...] = ()  # certificate_problems at load; none in kid mode
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What to tell the user before the key is used, each naming the keystore entry."""
+        return tuple(f"{self.source}: {p.message}" for p in self.problems if p.severity == WARNING)
 
     def x5c(self) -> list[str]:
         return [base64.b64encode(cert.public_bytes(_DER)).decode("ascii") for cert in self.chain]
@@ -151,8 +181,11 @@ def load_signing_key(
     passwords: Passwords,
     x5c_mode: bool = True,
     now: dt.datetime | None = None,
+    strict: bool = True,
 ) -> SigningKey:
-    """Load and check the signing key; every mistake raises a KeystoreError naming the file."""
+    """Load and check the signing key; every mistake raises a KeystoreError naming the file.
+    The certificate's warnings travel with the key; its errors raise too, unless `strict` is
+    False (for `mpagent doctor`, which shows every problem as a row of its own)."""
     data = _read(path, "keystore")
     entries = _LOADERS[_kind(path, data, keystore_type)](path, data, passwords)
     entry = _select(path, entries, alias)
@@ -163,10 +196,17 @@ def load_signing_key(
         raise _fail(source, "not_rsa", found=type(key).__name__)
     certs = _read_chain(certificate) if certificate else entry.certs
     chain = _match(source, key, certs, f" in {certificate}" if certificate else "")
+    problems: list[Problem] = []
     if x5c_mode and entry.kid is None:  # a JWK's own kid is sent instead of x5c (grant.py)
-        others = [e.alias for e in entries if e.key and e.alias and e is not entry]
-        _check_for_x5c(source, chain, now or dt.datetime.now(dt.UTC), others)
-    return SigningKey(key, chain, entry.kid, source)
+        if not chain:
+            raise _fail(source, "no_certificate")
+        others = {e.alias: e.certs[0] for e in entries if e.key and e.alias and e.certs}
+        others.pop(entry.alias or "", None)
+        problems = certificate_problems(chain, now or dt.datetime.now(dt.UTC), others)
+        error = next((p for p in problems if p.severity == ERROR), None)
+        if error and strict:
+            raise _fail(source, error.check, **error.details)
+    return SigningKey(key, chain, entry.kid, source, tuple(problems))
 
 
 def _fail(source: object, check: str, **details: Any) -> KeystoreError:
@@ -255,26 +295,90 @@ def _order_chain(
     return tuple(chain)
 
 
-def _check_for_x5c(
-    source: str, chain: Sequence[x509.Certificate], now: dt.datetime, others: list[str]
-) -> None:
+def certificate_problems(
+    chain: Sequence[x509.Certificate],
+    now: dt.datetime | float,
+    others: Mapping[str, x509.Certificate] | None = None,
+) -> list[Problem]:
+    """What stands against signing grants with `chain` (leaf first) at `now`. Expired or not yet
+    valid is an ERROR: Maskinporten certainly refuses it (MP-120). Key usage without
+    digitalSignature is a WARNING: Digdir's own published test keystore for Maskinporten
+    (felleslosninger/maskinporten-test-jwt-grant, Buypass Class 3 Test4) has nonRepudiation
+    only, so a refusal is not certain (MASKINPORTEN.md §5). So is expiry within 30 days.
+    `others`: the keystore's other private-key entries (alias -> certificate), to name one to
+    use instead."""
     if not chain:
-        raise _fail(source, "no_certificate")
-    leaf, subject = chain[0], describe(chain[0])
-    usage: x509.KeyUsage | None
-    try:
-        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        usage = None  # no key usage extension: no restriction
-    if usage is not None and not usage.digital_signature:
-        raise _fail(source, "not_digital_signature", subject=subject, aliases=others)
-    now = now if now.tzinfo else now.replace(tzinfo=dt.UTC)
+        return []
+    leaf, subject, at = chain[0], describe(chain[0]), _utc(now)
     start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
     dates = {"subject": subject, "not_before": start.isoformat(), "not_after": end.isoformat()}
-    if now > end:
-        raise _fail(source, "certificate_expired", **dates)
-    if now < start:
-        raise _fail(source, "certificate_not_yet_valid", **dates)
+    problems = []
+    if at > end:
+        problems.append(Problem(ERROR, "certificate_expired", dates))
+    elif at < start:
+        problems.append(Problem(ERROR, "certificate_not_yet_valid", dates))
+    elif (days := _days_until(end, at)) <= EXPIRY_WARNING_DAYS:
+        expiring = {"subject": subject, "days": days, "end": f"{end:%Y-%m-%d}"}
+        problems.append(Problem(WARNING, "certificate_expiring", expiring))
+    usages = key_usages(leaf)
+    if usages is not None and "digitalSignature" not in usages:
+        better = [a for a, cert in (others or {}).items() if _may_sign(cert)]
+        usage = {"subject": subject, "usages": ", ".join(usages) or "none", "aliases": better}
+        usage["instead"] = _use_instead(better)
+        problems.append(Problem(WARNING, "not_digital_signature", usage))
+    return problems
+
+
+def key_usages(cert: x509.Certificate) -> tuple[str, ...] | None:
+    """The key usages the certificate names; None without the extension (no restriction)."""
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    return tuple(name for attr, name in _USAGES.items() if getattr(usage, attr))
+
+
+def usage_cause(key: SigningKey) -> str | None:
+    """The key usage as the likely cause of a refusal, and what to use instead; None when the
+    certificate has digitalSignature (or no certificate is sent)."""
+    found = [p.details for p in key.problems if p.check == "not_digital_signature"]
+    if not found:
+        return None
+    usage = found[0]
+    return (
+        f"the certificate of {key.source} has key usage {usage['usages']}, not"
+        f" digitalSignature; {_use_instead(usage['aliases'])}"
+    )
+
+
+def _may_sign(cert: x509.Certificate) -> bool:
+    usages = key_usages(cert)
+    return usages is None or "digitalSignature" in usages
+
+
+def _use_instead(aliases: Sequence[str]) -> str:
+    if len(aliases) == 1:
+        return (
+            f'set `alias = "{aliases[0]}"`: that entry of the keystore has key usage'
+            " digitalSignature (the authentication certificate)"
+        )
+    if aliases:
+        shown = ", ".join(repr(a) for a in aliases)
+        return f"set `alias` to one of {shown}: their certificates have key usage digitalSignature"
+    return (
+        "use the authentication certificate (key usage digitalSignature) that your"
+        " certificate provider issued with it"
+    )
+
+
+def _utc(now: dt.datetime | float) -> dt.datetime:
+    if not isinstance(now, dt.datetime):
+        return dt.datetime.fromtimestamp(now, dt.UTC)
+    return now if now.tzinfo else now.replace(tzinfo=dt.UTC)  # naive means UTC
+
+
+def _days_until(end: dt.datetime, now: dt.datetime) -> int:
+    return math.ceil((end - now).total_seconds() / 86400)
 
 
 def _read_chain(path: Path) -> tuple[x509.Certificate, ...]:
@@ -478,25 +582,20 @@ _LOADERS: dict[str, Callable[[Path, bytes, Passwords], list[_Entry]]] = {
 }
 
 
-EXPIRY_WARNING_DAYS = 30
-
-
 def certificate_warning(key: SigningKey, now: dt.datetime | float) -> str | None:
-    """A warning when the signing certificate expires within 30 days (or has expired)."""
-    if not key.chain or days_left(key, now) > EXPIRY_WARNING_DAYS:
-        return None
-    days, end = days_left(key, now), key.chain[0].not_valid_after_utc
-    subject = describe(key.chain[0])
-    if days <= 0:
-        return f"the certificate ({subject}) expired on {end:%Y-%m-%d}"
-    return f"the certificate ({subject}) expires in {days} days, on {end:%Y-%m-%d}"
+    """A warning when the signing certificate expires within 30 days (or has expired), judged
+    anew at each call: the agent's status asks this of a key loaded long ago."""
+    found = {p.check: p for p in certificate_problems(key.chain, now)}
+    if "certificate_expiring" in found:
+        return found["certificate_expiring"].message
+    if "certificate_expired" in found:
+        end = key.chain[0].not_valid_after_utc
+        return f"the certificate ({describe(key.chain[0])}) expired on {end:%Y-%m-%d}"
+    return None
 
 
 def days_left(key: SigningKey, now: dt.datetime | float) -> int:
-    if not isinstance(now, dt.datetime):
-        now = dt.datetime.fromtimestamp(now, dt.UTC)
-    left = key.chain[0].not_valid_after_utc - now
-    return math.ceil(left.total_seconds() / 86400)
+    return _days_until(key.chain[0].not_valid_after_utc, _utc(now))
 
 
 def describe(cert: x509.Certificate) -> str:

@@ -15,7 +15,7 @@ APP = "mpagent"
 def config_file() -> str:
     explicit = os.environ.get("MPAGENT_CONFIG")
     if explicit:
-        return explicit
+        return os.path.expanduser(explicit)
     import platformdirs
 
     return os.path.join(platformdirs.user_config_dir(APP, appauthor=False), "config.toml")
@@ -46,7 +46,9 @@ def socket_path() -> str:
     """The agent's address: a Unix socket, or on Windows a named pipe."""
     explicit = os.environ.get("MPAGENT_SOCKET")
     if explicit:
-        return explicit
+        # Quoted in a shell, or set by an IDE, an .env file or systemd's Environment=, `~`
+        # arrives unexpanded; MPAGENT_CONFIG is expanded the same way.
+        return os.path.expanduser(explicit)
     if sys.platform == "win32":
         return r"\\.\pipe\mpagent-" + os.environ.get("USERNAME", "user").lower()
     return os.path.join(runtime_dir(), "agent.sock")

@@ -9,8 +9,10 @@ a `%`, a control character or a non-ASCII character; a key may repeat.
     reply:    ok token=eyJ... expires_at=1764420000.5 scope=idporten:dcr.read
     reply:    error kind=rejected message=Maskinporten%20refused... mp_code=MP-200
 
-Verbs: `get` (fields scope..., profile, min_ttl), `status` (reply field `json`, a JSON
-document), `reload`, `stop`. Requests are at most MAX_REQUEST bytes; replies MAX_REPLY.
+Verbs: `get` (fields scope..., profile, min_ttl; the reply may add `warning` fields),
+`status` (reply field `json`, a JSON document), `reload` (reply `json`: the unusable
+profiles), `refresh` (field profile; reply `json`: each token's outcome), `stop` (reply
+`pid`). Requests are at most MAX_REQUEST bytes; replies MAX_REPLY.
 """
 
 VERSION = "mpagent/1"

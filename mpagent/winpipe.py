@@ -129,7 +129,8 @@ def connect(address: str, timeout: float) -> PipeChannel:
                 continue
             if exc.winerror == ERROR_FILE_NOT_FOUND:
                 raise AgentNotRunning(
-                    f"no agent is listening on {address}; start one with `mpagent agent`"
+                    f"no agent is listening on {address}; start one with `mpagent agent`",
+                    absent=True,
                 ) from None
             raise AgentNotRunning(
                 f"cannot connect to the agent at {address}: {exc.strerror}"

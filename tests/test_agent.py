@@ -85,7 +85,9 @@ def test_refresh_ahead_without_clients(agent: AgentProcess, short_emulator: Emul
     assert after["expires_at"] - time.time() > LIFETIME * 0.3  # replaced well before expiry
     assert stat.S_IMODE(env_file().stat().st_mode) == 0o600
     lines = dict(line.split("=", 1) for line in env_file().read_text().splitlines()[1:])
-    assert set(lines) == {
+    assert set(lines) == {  # the only profile's token, under its full and its short name
+        "MASKINPORTEN_TOKEN_DEV_IDPORTEN_DCR_READ",
+        "MASKINPORTEN_TOKEN_DEV_IDPORTEN_DCR_READ_EXPIRES_AT",
         "MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ",
         "MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ_EXPIRES_AT",
     }
@@ -131,6 +133,8 @@ def test_outage_serves_cached_then_fails(agent: AgentProcess, short_emulator: Em
     failed = run_cli("get", SCOPES[0])
     assert failed.returncode == 75 and failed.stdout == ""
     assert "answered HTTP 503" in failed.stderr
+    assert "the agent tries again in" in failed.stderr
+    assert "`mpagent refresh dev` tries now" in failed.stderr
     assert status()["tokens"][0]["last_error"]["kind"] == "unavailable"
 
 

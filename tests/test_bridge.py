@@ -399,7 +399,8 @@ def test_slow_client_times_out_and_others_are_served(
     async def main() -> None:
         with ThreadPoolExecutor(2) as pool, ThreadPoolExecutor(1) as io:
             refresher = Refresher(pool)
-            refresher.set_sources(load_sources(cfg, strict=True), cfg.default_profile)
+            sources, unusable, _ = load_sources(cfg)
+            refresher.set_sources(sources, cfg.default_profile, unusable)
             server = await bridge.start(cfg.bridge, refresher, io, read_timeout=1.0)
             try:
                 await asyncio.to_thread(clients)

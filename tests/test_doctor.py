@@ -19,7 +19,7 @@ from mpagent.emulator import Emulator
 from mpagent.errors import IssuerRejected
 from mpagent.exchange import Exchange
 from mpagent.issuer import HINTS, Issuer
-from mpagent.keys import SigningKey, load_signing_key
+from mpagent.keys import SigningKey, certificate_warning, load_signing_key
 
 from .conftest import CLIENT_ID, PASSWORD, SCOPES, profile_for, run_cli, write_config
 from .keystores import (
@@ -33,6 +33,7 @@ from .keystores import (
 
 NOW = dt.datetime.now(dt.UTC)
 WRONG = "wrong-pw-987"
+ASCII_PW = "store-pw-4"  # keytool refuses non-ASCII PKCS#12 passwords
 
 
 def doctor_cli(config: Path, *args: str, password: str | None = PASSWORD):
@@ -57,14 +58,24 @@ def profile(keystore: Path, environment: str = "test", **extra: Any) -> Profile:
 
 
 def signing_key(ca: pki.Issued, tmp_path: Path, **leaf_options: Any) -> SigningKey:
+    """The key as doctor loads it: its certificate judged, errors kept on the key."""
     issued = pki.make_leaf(ca, **leaf_options)
     path = write_pkcs12(tmp_path / "k.p12", {"auth": issued}, PASSWORD)
-    return load_signing_key(path, passwords=StaticPasswords(PASSWORD), x5c_mode=False)
+    return load_signing_key(path, passwords=StaticPasswords(PASSWORD), strict=False)
 
 
 @pytest.fixture
 def config(tmp_path: Path, home: Path) -> Path:
     return tmp_path / "config.toml"
+
+
+@pytest.fixture
+def two_keys(tmp_path: Path, ca: pki.Issued, leaf: pki.Issued) -> Path:
+    """Buypass-style, from the CA the emulator trusts: 'sign' (nonRepudiation only) and 'auth'
+    (digitalSignature), merged by keytool (hence an ASCII password)."""
+    signing = pki.make_leaf(ca, usage="nonRepudiation")
+    entries = {"sign": signing, "auth": leaf}
+    return write_pkcs12(tmp_path / "buypass.p12", entries, ASCII_PW, ca_chain=[ca.cert])
 
 
 # -- end to end: the real CLI ---------------------------------------------------------------
@@ -76,9 +87,12 @@ def test_all_green(config: Path, emulator: Emulator, p12: Path) -> None:
     result = doctor_cli(config)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert all(line.startswith("✓") for line in lines[:-2]), result.stdout
+    environment = f"- certificate fits the environment: skipped (cannot tell for this issuer ({emulator.issuer})"
+    assert [line for line in lines[:-2] if not line.startswith("✓")] == [
+        f"{environment}; test CA mpagent throwaway test CA)"
+    ], result.stdout
     assert f"✓ token for {SCOPES[0]}: Bearer token" in result.stdout
-    assert lines[-1] == "10 ok, 0 warnings, 0 failed, 0 skipped"
+    assert lines[-1] == "9 ok, 0 warnings, 0 failed, 1 skipped"
     assert emulator.tokens_issued == 1
     assert_no_secrets(result.stdout + result.stderr)
 
@@ -89,7 +103,8 @@ def test_bad_config_through_the_cli(config: Path, emulator: Emulator) -> None:
     result = doctor_cli(config)
     assert result.returncode == 78
     first, *rest = result.stdout.splitlines()[:-2]
-    assert first.startswith("✗ config:") and "[profiles.a] scopes is missing" in first
+    # scopes are optional (issue 9): client_id is the first missing key now
+    assert first.startswith("✗ config:") and "[profiles.a] client_id is missing" in first
     assert rest and all(line.startswith("- ") and "skipped" in line for line in rest)
     assert emulator.token_requests == 0
 
@@ -116,6 +131,60 @@ def test_expiring_certificate_warns_with_exit_0(
     assert "! certificate validity:" in result.stdout and "expires in 10 days" in result.stdout
     assert "fix: order a renewed certificate" in result.stdout
     assert f"✓ token for {SCOPES[0]}" in result.stdout
+
+
+def test_non_repudiation_key_is_a_warning_through_the_cli(
+    config: Path, emulator: Emulator, two_keys: Path
+) -> None:
+    """The nonRepudiation entry of a two-key PKCS#12: a `!` key-usage row whose fix names
+    'auth', the token is still fetched, exit 0."""
+    write_config(config, {"dev": profile_for(emulator, two_keys, alias="sign")})
+    result = doctor_cli(config, password=ASCII_PW)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    usage = lines.index(
+        "! key usage includes digitalSignature: the certificate (TEST ORGANISASJON, org. no."
+        f" {pki.TEST_ORG_NUMBER}) has key usage nonRepudiation, not digitalSignature:"
+        " Maskinporten may refuse it (MP-120)"
+    )
+    assert lines[usage + 1].startswith('    fix: if it does, set `alias = "auth"`')
+    assert f"✓ token for {SCOPES[0]}: Bearer token" in result.stdout
+    assert lines[-1].endswith("1 warnings, 0 failed, 1 skipped")
+
+
+def test_refused_non_repudiation_key_names_the_cause_through_the_cli(
+    config: Path, ca: pki.Issued, two_keys: Path
+) -> None:
+    """An issuer refusing the nonRepudiation entry: exit 77, the fix names the key usage as the
+    likely cause and 'auth' as the alias to use."""
+    with Emulator(clients={CLIENT_ID: SCOPES}, trust=[pki.make_ca().cert]) as distrustful:
+        write_config(config, {"dev": profile_for(distrustful, two_keys, alias="sign")})
+        result = doctor_cli(config, password=ASCII_PW)
+    assert result.returncode == 77, result.stdout
+    assert f"✗ token for {SCOPES[0]}: Maskinporten refused: invalid_grant [MP-120]" in result.stdout
+    fix = next(line for line in result.stdout.splitlines() if "likely cause" in line)
+    assert fix.startswith(f"    fix: likely cause: the certificate of {two_keys} (entry 'sign')")
+    assert "nonRepudiation, not digitalSignature" in fix and 'alias = "auth"' in fix
+
+
+def test_expired_certificate_through_the_cli(
+    config: Path, emulator: Emulator, ca: pki.Issued
+) -> None:
+    """An expired certificate: the keystore rows pass, validity fails, exit 78, no request."""
+    old = pki.make_leaf(
+        ca, not_before=NOW - dt.timedelta(days=9), not_after=NOW - dt.timedelta(days=2)
+    )
+    ks = write_pkcs12(config.parent / "old.p12", {"auth": old}, PASSWORD)
+    write_config(config, {"dev": profile_for(emulator, ks)})
+    result = doctor_cli(config)
+    assert result.returncode == 78, result.stdout
+    assert all(f"✓ {title}" in result.stdout for title in doctor.KEYSTORE_ROWS)
+    expired = (
+        f"✗ certificate validity: expired on {old.cert.not_valid_after_utc:%Y-%m-%d} (2 days ago)"
+    )
+    assert expired in result.stdout
+    assert "- token request: skipped (fix the failures first)" in result.stdout
+    assert emulator.token_requests == 0
 
 
 def test_unknown_scope_through_the_cli(config: Path, emulator: Emulator, p12: Path) -> None:
@@ -150,7 +219,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("password", "fix"), [(WRONG, "secret set dev"), (None, "MPAGENT_KEY")])
 def test_keystore_password_missing_or_wrong(p12: Path, password: str | None, fix: str) -> None:
     """A wrong or missing store password fails 'keystore opens'; the rest is skipped."""
-    rows, key, _ = doctor.check_keystore(profile(p12), StaticPasswords(password))
+    rows, key = doctor.check_keystore(profile(p12), StaticPasswords(password))
     assert statuses(rows) == [FAIL, SKIP, SKIP] and key is None
     assert str(p12) in rows[0].detail and fix in rows[0].fix
     assert_no_secrets(doctor.render(rows))
@@ -158,7 +227,7 @@ def test_keystore_password_missing_or_wrong(p12: Path, password: str | None, fix
 
 def test_wrong_alias(p12: Path) -> None:
     """An alias the keystore lacks fails the private-key row and lists the aliases there."""
-    rows, key, _ = doctor.check_keystore(profile(p12, alias="nope"), StaticPasswords(PASSWORD))
+    rows, key = doctor.check_keystore(profile(p12, alias="nope"), StaticPasswords(PASSWORD))
     assert statuses(rows) == [OK, FAIL, SKIP] and key is None
     assert "'nope'" in rows[1].detail and "'auth'" in rows[1].detail
 
@@ -166,7 +235,7 @@ def test_wrong_alias(p12: Path) -> None:
 def test_trusted_certificate_alias(tmp_path: Path, leaf: pki.Issued, ca: pki.Issued) -> None:
     """An alias naming a trusted-certificate entry fails: it holds no private key."""
     ks = write_jks(tmp_path / "v.jks", {"auth": leaf}, PASSWORD, PASSWORD, trusted={"ca": ca.cert})
-    rows, _, _ = doctor.check_keystore(profile(ks, alias="ca"), StaticPasswords(PASSWORD))
+    rows, _ = doctor.check_keystore(profile(ks, alias="ca"), StaticPasswords(PASSWORD))
     assert statuses(rows) == [OK, FAIL, SKIP]
     assert "trusted certificate without a private key" in rows[1].detail
 
@@ -175,25 +244,42 @@ def test_key_and_certificate_mismatch(tmp_path: Path, leaf: pki.Issued, ca: pki.
     """A certificate of another key fails 'key and certificate match'."""
     key = write_pem(tmp_path / "key.pem", leaf)
     other = write_cert_pem(tmp_path / "other.pem", [pki.make_leaf(ca).cert])
-    rows, key_, _ = doctor.check_keystore(profile(key, certificate=other), StaticPasswords(None))
+    rows, key_ = doctor.check_keystore(profile(key, certificate=other), StaticPasswords(None))
     assert statuses(rows) == [OK, OK, FAIL] and key_ is None
     assert "does not belong to the private key" in rows[2].detail
 
 
 def test_non_repudiation_certificate(tmp_path: Path, leaf: pki.Issued, ca: pki.Issued) -> None:
-    """The signing (nonRepudiation) certificate loads but fails key usage, naming the other key."""
+    """The signing (nonRepudiation) certificate loads; key usage is a warning naming 'auth'."""
     signing = pki.make_leaf(ca, usage="nonRepudiation")
     ks = write_jks(tmp_path / "v.jks", {"sign": signing, "auth": leaf}, PASSWORD, PASSWORD)
-    rows, key, aliases = doctor.check_keystore(profile(ks, alias="sign"), StaticPasswords(PASSWORD))
+    rows, key = doctor.check_keystore(profile(ks, alias="sign"), StaticPasswords(PASSWORD))
     assert statuses(rows) == [OK, OK, OK] and key is not None
-    usage = doctor.check_key_usage(key, aliases)
-    assert usage.status == FAIL and usage.exit_code == 78
-    assert "lacks digitalSignature" in usage.detail and "'auth'" in usage.fix
+    usage = doctor.check_key_usage(key)
+    assert (usage.status, usage.exit_code) == (WARN, 0)
+    assert "has key usage nonRepudiation, not digitalSignature" in usage.detail
+    assert usage.fix.startswith('if it does, set `alias = "auth"`')
+    assert doctor.exit_status([*rows, usage]) == 0
+    assert doctor.render([usage]).startswith("! key usage includes digitalSignature: ")
 
 
 def test_authentication_certificate_passes_key_usage(ca: pki.Issued, tmp_path: Path) -> None:
-    """The digitalSignature certificate passes key usage."""
-    assert doctor.check_key_usage(signing_key(ca, tmp_path)).status == OK
+    """The digitalSignature certificate passes key usage, listing its usages."""
+    usage = doctor.check_key_usage(signing_key(ca, tmp_path))
+    assert (usage.status, usage.detail) == (OK, "digitalSignature, keyEncipherment")
+
+
+def test_expired_certificate_opens_the_keystore_once(ca: pki.Issued, tmp_path: Path) -> None:
+    """An expired certificate: the keystore rows pass with one password ask, and the key comes
+    back with its error for the validity row."""
+    start, end = NOW - dt.timedelta(days=40), NOW - dt.timedelta(days=3)
+    old = pki.make_leaf(ca, not_before=start, not_after=end)
+    path = write_pkcs12(tmp_path / "k.p12", {"auth": old}, PASSWORD)
+    passwords = StaticPasswords(PASSWORD)
+    rows, key = doctor.check_keystore(profile(path), passwords)
+    assert statuses(rows) == [OK, OK, OK] and key is not None
+    assert passwords.store_asks == 1
+    assert doctor.check_validity(key, NOW).status == FAIL
 
 
 # -- certificate validity and environment -------------------------------------------------------
@@ -228,17 +314,17 @@ def test_certificate_warning(ca: pki.Issued, tmp_path: Path) -> None:
         signing_key(ca, tmp_path),
         signing_key(ca, tmp_path, not_after=NOW + dt.timedelta(days=29)),
     )
-    assert doctor.certificate_warning(far, NOW) is None
-    assert "expires in 29 days" in (doctor.certificate_warning(soon, NOW.timestamp()) or "")
+    assert certificate_warning(far, NOW) is None
+    assert "expires in 29 days" in (certificate_warning(soon, NOW.timestamp()) or "")
     later = NOW + dt.timedelta(days=31)
-    assert "expired on" in (doctor.certificate_warning(soon, later) or "")
+    assert "expired on" in (certificate_warning(soon, later) or "")
 
 
 def test_certificate_warning_without_certificate(tmp_path: Path) -> None:
     """A bare key (kid mode) has no certificate and so no warning."""
     path = write_jwk(tmp_path / "k.jwk", pki.new_rsa_key(), kid="k1")
     key = load_signing_key(path, passwords=StaticPasswords(None))
-    assert doctor.certificate_warning(key, NOW) is None
+    assert certificate_warning(key, NOW) is None
 
 
 def test_test_certificate_with_prod_profile(ca: pki.Issued, tmp_path: Path) -> None:
@@ -255,10 +341,25 @@ def test_prod_certificate_with_test_profile(tmp_path: Path) -> None:
     assert result.status == FAIL and "a prod certificate" in result.detail
 
 
-def test_unknown_environment_is_skipped_with_a_note(ca: pki.Issued, tmp_path: Path) -> None:
-    """An issuer URL that is neither test nor prod skips the check, naming the CA's kind."""
-    result = doctor.check_environment(signing_key(ca, tmp_path), "https://issuer.example/")
-    assert result.status == SKIP and "(test CA)" in result.detail
+@pytest.mark.parametrize(
+    "environment",
+    [
+        "https://issuer.example/",
+        "http://127.0.0.1:8080/",
+        "https://test.sky.maskinporten.no",
+        "https://sky.maskinporten.no",
+    ],
+)
+def test_other_issuers_cannot_be_told(ca: pki.Issued, tmp_path: Path, environment: str) -> None:
+    """Any issuer but test and prod (a custom URL, the emulator, Skyporten) skips the check
+    saying it cannot tell, never a failure, for a test and a prod certificate alike."""
+    prod_ca = pki.make_ca("Buypass Class 3 CA G2 ST Business")
+    for issuer_ca, kind in ((ca, "test"), (prod_ca, "prod")):
+        result = doctor.check_environment(signing_key(issuer_ca, tmp_path), environment)
+        assert result.status == SKIP and result.exit_code == 0
+        assert result.detail == (
+            f"cannot tell for this issuer ({environment}); {kind} CA {issuer_ca.cert.subject.rfc4514_string()[3:]}"
+        )
 
 
 @pytest.mark.parametrize(
@@ -284,15 +385,21 @@ def test_test_ca_names(name: str, test: bool) -> None:
     [
         ("test", "test"),
         ("prod", "prod"),
-        ("http://127.0.0.1:8080/", "test"),
-        ("http://localhost:1/", "test"),
         ("https://test.maskinporten.no/", "test"),
+        ("https://test.maskinporten.no", "test"),
         ("https://maskinporten.no/", "prod"),
+        ("https://maskinporten.no", "prod"),
+        ("https://test.sky.maskinporten.no", None),
+        ("https://sky.maskinporten.no", None),
+        ("https://ver2.maskinporten.no/", None),
+        ("https://test.maskinporten.no/token", None),
+        ("http://127.0.0.1:8080/", None),
+        ("http://localhost:1/", None),
         ("https://issuer.example/", None),
     ],
 )
 def test_environment_kind(environment: str, kind: str | None) -> None:
-    """test, prod and loopback (the emulator) are known; other URLs are neither."""
+    """Only test, prod and their issuers (with or without the slash) are known."""
     assert doctor.environment_kind(environment) == kind
 
 
@@ -371,6 +478,12 @@ def test_token_request_unreachable(p12: Path) -> None:
 def test_explain(details: dict[str, str], hint: str) -> None:
     """A refusal is explained by MP code, else by description, else by error, else generally."""
     assert hint in doctor.explain(IssuerRejected("refused", **details))
+
+
+def test_explain_puts_the_likely_cause_first() -> None:
+    """A likely cause found by exchange (the key usage) comes first, the MP code's hint after."""
+    exc = IssuerRejected("refused", mp_code="MP-120", likely_cause="the key usage; use 'auth'")
+    assert doctor.explain(exc) == f"likely cause: the key usage; use 'auth'; {HINTS['MP-120']}"
 
 
 def test_kid_mode_skips_certificate_checks(config: Path, tmp_path: Path) -> None:

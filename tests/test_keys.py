@@ -8,18 +8,39 @@ import datetime as dt
 import hashlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 from mpagent import pki
-from mpagent.errors import ConfigError, KeystoreError, MpagentError, SecretUnavailable
-from mpagent.keys import SigningKey, detect_type, load_signing_key
+from mpagent.config import Profile
+from mpagent.emulator import Emulator
+from mpagent.errors import (
+    ConfigError,
+    IssuerRejected,
+    KeystoreError,
+    MpagentError,
+    SecretUnavailable,
+)
+from mpagent.exchange import Exchange, load_key, may_be_the_certificate
+from mpagent.issuer import Issuer
+from mpagent.keys import (
+    ERROR,
+    WARNING,
+    SigningKey,
+    certificate_problems,
+    detect_type,
+    key_usages,
+    load_signing_key,
+)
+from tests.conftest import CLIENT_ID, SCOPES, profile_for, run_cli, write_config
 from tests.keystores import (
     StaticPasswords,
     write_cert_pem,
@@ -424,24 +445,151 @@ def test_key_and_certificate_mismatch(x5c_mode: bool, m: Material, tmp_path: Pat
     )
 
 
-def test_non_repudiation_certificate_names_the_other_alias(multi_p12: Path) -> None:
-    """The signing (nonRepudiation) certificate is refused, pointing at the authentication alias."""
-    exc = _fails(
-        "not_digital_signature",
-        multi_p12,
-        "non-repudiation",
-        "authentication certificate",
-        "'auth'",
-        passwords=StaticPasswords(ASCII_PW),
-        alias="sign",
-    )
-    assert exc.details["aliases"] == ["auth"]
+def test_non_repudiation_certificate_loads_with_a_warning_naming_the_other_alias(
+    m: Material, multi_p12: Path
+) -> None:
+    """In a two-key PKCS#12, the nonRepudiation entry loads; its warning names it and 'auth'."""
+    key = load_signing_key(multi_p12, alias="sign", passwords=StaticPasswords(ASCII_PW))
+    assert key.chain[0] == m.sign.cert and _verifies(key, m.sign)
+    [warning] = key.warnings
+    assert warning.startswith(f"{multi_p12} (entry 'sign'): the certificate (TEST ORGANISASJON")
+    assert "key usage nonRepudiation, not digitalSignature" in warning
+    assert "Maskinporten may refuse it (MP-120)" in warning
+    assert 'set `alias = "auth"`' in warning
 
 
-def test_non_repudiation_certificate_in_pem(m: Material, tmp_path: Path) -> None:
-    """A lone signing certificate is refused with the advice to use the authentication one."""
+def test_authentication_entry_of_a_two_key_pkcs12_has_no_warning(multi_p12: Path) -> None:
+    """The digitalSignature entry of the same keystore loads without any warning."""
+    key = load_signing_key(multi_p12, alias="auth", passwords=StaticPasswords(ASCII_PW))
+    assert key.warnings == () and key.problems == ()
+
+
+def test_digdir_like_non_repudiation_keystore_loads_with_a_warning(tmp_path: Path) -> None:
+    """A one-key keystore like Digdir's published test one (Buypass Class 3 Test4, org.
+    991825827, nonRepudiation only) loads; the warning says to use the authentication one."""
+    ca = pki.make_ca("Buypass Class 3 Test4 CA G2 ST Business")
+    digdir = pki.make_leaf(ca, org_number="991825827", name="DIGDIR TEST", usage="nonRepudiation")
+    path = write_pkcs12(tmp_path / "digdir.p12", {"digdir": digdir}, STORE_PW, [ca.cert])
+    key = load_signing_key(path, passwords=StaticPasswords(STORE_PW))
+    [warning] = key.warnings
+    assert warning.startswith(f"{path} (entry 'digdir'): the certificate (DIGDIR TEST, org. no.")
+    assert "991825827" in warning and "nonRepudiation, not digitalSignature" in warning
+    assert "use the authentication certificate (key usage digitalSignature)" in warning
+    assert "alias =" not in warning
+
+
+def test_non_repudiation_certificate_in_pem_loads_with_a_warning(
+    m: Material, tmp_path: Path
+) -> None:
+    """A lone signing certificate in a PEM loads; the warning advises the authentication one."""
     path = write_pem(tmp_path / "k.pem", m.sign, include_cert=True)
-    _fails("not_digital_signature", path, "digitalSignature", "authentication certificate")
+    [warning] = load_signing_key(path, passwords=StaticPasswords(None)).warnings
+    assert (
+        warning.startswith(f"{path}: the certificate") and "authentication certificate" in warning
+    )
+
+
+def test_kid_mode_judges_no_certificate(m: Material, multi_p12: Path) -> None:
+    """In kid mode no certificate is sent, so the signing entry carries no warning."""
+    key = load_signing_key(
+        multi_p12, alias="sign", x5c_mode=False, passwords=StaticPasswords(ASCII_PW)
+    )
+    assert key.problems == () and key.warnings == ()
+
+
+def test_not_strict_keeps_a_certificate_error_on_the_key(m: Material, tmp_path: Path) -> None:
+    """strict=False (for doctor) returns an expired key with its error instead of raising."""
+    path = write_pem(tmp_path / "k.pem", m.auth, include_cert=True)
+    later = m.auth.cert.not_valid_after_utc + dt.timedelta(days=1)
+    key = load_signing_key(path, passwords=StaticPasswords(None), now=later, strict=False)
+    assert [(p.severity, p.check) for p in key.problems] == [(ERROR, "certificate_expired")]
+    assert key.warnings == ()
+
+
+# --- certificate_problems: the one judgement, plain values in -----------------------------------
+
+
+def _judge(cert: Any, now: dt.datetime, **others: Any) -> list[tuple[str, str]]:
+    return [(p.severity, p.check) for p in certificate_problems([cert], now, others)]
+
+
+def test_problems_of_a_good_certificate(m: Material) -> None:
+    """A valid digitalSignature certificate far from expiry has no problem."""
+    assert certificate_problems([m.auth.cert, m.ca.cert], dt.datetime.now(dt.UTC)) == []
+
+
+def test_problems_of_no_certificate() -> None:
+    """An empty chain (kid mode) has nothing to judge."""
+    assert certificate_problems([], 0.0) == []
+
+
+def test_expired_and_not_yet_valid_are_errors(m: Material) -> None:
+    """Outside its validity the certificate is an error, as Maskinporten certainly refuses it."""
+    start, end = m.auth.cert.not_valid_before_utc, m.auth.cert.not_valid_after_utc
+    assert _judge(m.auth.cert, end + dt.timedelta(seconds=1)) == [(ERROR, "certificate_expired")]
+    before = start - dt.timedelta(seconds=1)
+    assert _judge(m.auth.cert, before) == [(ERROR, "certificate_not_yet_valid")]
+
+
+def test_expiry_within_30_days_is_a_warning(m: Material) -> None:
+    """30 days before expiry is a warning with the day count; 31 days is not."""
+    end = m.auth.cert.not_valid_after_utc
+    [problem] = certificate_problems([m.auth.cert], end - dt.timedelta(days=30))
+    assert (problem.severity, problem.check) == (WARNING, "certificate_expiring")
+    assert f"expires in 30 days, on {end:%Y-%m-%d}" in problem.message
+    assert _judge(m.auth.cert, end - dt.timedelta(days=31)) == []
+
+
+def test_non_repudiation_is_a_warning_naming_the_usable_alias(m: Material) -> None:
+    """Key usage without digitalSignature is a warning naming only the others that can sign."""
+    other_ca = pki.make_ca()
+    no_usage = other_ca.cert  # a CA certificate has keyCertSign, not digitalSignature
+    now = dt.datetime.now(dt.UTC)
+    problems = certificate_problems([m.sign.cert], now, {"auth": m.auth.cert, "ca": no_usage})
+    [problem] = problems
+    assert (problem.severity, problem.details["aliases"]) == (WARNING, ["auth"])
+    assert problem.details["usages"] == "nonRepudiation"
+    assert 'If it does, set `alias = "auth"`' in problem.message
+
+
+def test_non_repudiation_with_several_usable_aliases(m: Material) -> None:
+    """Several entries with digitalSignature are all named."""
+    now = dt.datetime.now(dt.UTC)
+    [problem] = certificate_problems([m.sign.cert], now, {"a": m.auth.cert, "b": m.other.cert})
+    assert "set `alias` to one of 'a', 'b'" in problem.message
+
+
+def test_naive_now_means_utc(m: Material) -> None:
+    """A naive datetime is read as UTC, a float as a Unix time."""
+    end = m.auth.cert.not_valid_after_utc
+    naive = (end + dt.timedelta(minutes=1)).replace(tzinfo=None)
+    assert _judge(m.auth.cert, naive) == [(ERROR, "certificate_expired")]
+    problems = certificate_problems([m.auth.cert], end.timestamp() + 60)
+    assert [p.check for p in problems] == ["certificate_expired"]
+
+
+def test_key_usages_names(m: Material) -> None:
+    """Key usages are named as certificate viewers show them."""
+    assert key_usages(m.auth.cert) == ("digitalSignature", "keyEncipherment")
+    assert key_usages(m.sign.cert) == ("nonRepudiation",)
+    assert key_usages(m.ca.cert) == ("keyCertSign", "cRLSign")
+
+
+def test_certificate_without_key_usage_is_unrestricted(m: Material) -> None:
+    """Without a KeyUsage extension (RFC 5280: no restriction) there is no warning."""
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(m.auth.cert.subject)
+        .issuer_name(m.ca.cert.subject)
+        .public_key(m.auth.key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .sign(m.ca.key, hashes.SHA256())
+    )
+    assert key_usages(cert) is None
+    assert certificate_problems([cert], now) == []
 
 
 def test_expired_certificate_gives_dates(m: Material, tmp_path: Path) -> None:
@@ -596,3 +744,155 @@ def test_jks_without_pyjks_prints_the_keytool_command(
         f"-destkeystore {p12} -deststoretype PKCS12"
     )
     _fails("jks_unsupported", path, command, f"point `keystore` at {p12}")
+
+
+# --- the key usage warning end to end: the real CLI, the emulator, exchange --------------------
+
+
+@pytest.fixture
+def two_keys(tmp_path: Path, home: Path, ca: pki.Issued, leaf: pki.Issued) -> Path:
+    """A keytool-made PKCS#12 from the CA the emulator trusts: 'sign' (nonRepudiation only)
+    and 'auth' (digitalSignature), as Buypass delivers them."""
+    signing = pki.make_leaf(ca, usage="nonRepudiation")
+    entries = {"sign": signing, "auth": leaf}
+    return write_pkcs12(tmp_path / "buypass.p12", entries, ASCII_PW, ca_chain=[ca.cert])
+
+
+@pytest.fixture
+def distrustful(ca: pki.Issued) -> Iterator[Emulator]:
+    """An emulator trusting another CA only, so it refuses every x5c grant here (MP-120)."""
+    with Emulator(clients={CLIENT_ID: SCOPES}, trust=[pki.make_ca().cert]) as emu:
+        yield emu
+
+
+def _cli(keystore: Path, emulator: Emulator, *args: str, **profile: Any):
+    config = write_config(
+        keystore.parent / "config.toml", {"dev": {**profile_for(emulator, keystore), **profile}}
+    )
+    env = {"MPAGENT_KEYSTORE_PASSWORD": ASCII_PW}
+    return run_cli("--config", str(config), *args, env=env)
+
+
+def _profile(keystore: Path, emulator: Emulator, alias: str) -> Profile:
+    return Profile("dev", emulator.issuer, CLIENT_ID, (SCOPES[0],), keystore, alias=alias)
+
+
+def test_cli_grant_never_refuses_over_key_usage(two_keys: Path, emulator: Emulator) -> None:
+    """`mpagent grant` with the nonRepudiation entry exits 0 with a grant carrying that
+    certificate in x5c, signed by its key; stderr holds at most warnings."""
+    result = _cli(two_keys, emulator, "grant", SCOPES[0], alias="sign")
+    assert result.returncode == 0, result.stderr
+    grant = result.stdout.strip()
+    header = jwt.get_unverified_header(grant)
+    cert = x509.load_der_x509_certificate(base64.b64decode(header["x5c"][0]))
+    assert key_usages(cert) == ("nonRepudiation",)
+    claims = jwt.decode(grant, cert.public_key(), algorithms=["RS256"], audience=emulator.issuer)  # type: ignore[arg-type]
+    assert claims["scope"] == SCOPES[0] and emulator.token_requests == 0
+    assert all(line.startswith("mpagent: warning: ") for line in result.stderr.splitlines())
+
+
+def test_cli_get_no_agent_warns_once_and_sends_the_grant(
+    two_keys: Path, emulator: Emulator
+) -> None:
+    """`get --no-agent` with the nonRepudiation entry warns once on stderr, naming the entry
+    and 'auth', and still gets the token: the emulator accepts the certificate."""
+    result = _cli(two_keys, emulator, "get", SCOPES[0], "--no-agent", alias="sign")
+    assert result.returncode == 0, result.stderr
+    assert emulator.tokens_issued == 1 and result.stdout.count("\n") == 1
+    [warning] = result.stderr.splitlines()
+    assert warning.startswith(f"mpagent: warning: {two_keys} (entry 'sign'): the certificate")
+    assert "key usage nonRepudiation, not digitalSignature" in warning
+    assert 'set `alias = "auth"`' in warning
+
+
+def test_refusal_names_the_key_usage_and_the_other_alias(
+    two_keys: Path, distrustful: Emulator
+) -> None:
+    """A refused grant signed with the nonRepudiation entry gets the key usage as its likely
+    cause and 'auth' as the alias to use; Maskinporten's fields are kept across the wire."""
+    profile = _profile(two_keys, distrustful, "sign")
+    key = load_key(profile, StaticPasswords(ASCII_PW))
+    with pytest.raises(IssuerRejected) as info:
+        Exchange(profile, key, Issuer(distrustful.issuer)).fetch([SCOPES[0]])
+    exc = info.value
+    assert exc.message.startswith("Maskinporten refused the grant: invalid_grant [MP-120]: ")
+    assert "not issued by a trusted CA" in exc.message
+    cause = (
+        f"Likely cause: the certificate of {two_keys} (entry 'sign') has key usage"
+        ' nonRepudiation, not digitalSignature; set `alias = "auth"`'
+    )
+    assert cause in exc.message
+    assert (exc.error, exc.mp_code, exc.details["status"]) == ("invalid_grant", "MP-120", 400)
+    back = MpagentError.from_wire(json.loads(json.dumps(exc.to_wire())))
+    assert type(back) is IssuerRejected and back.message == exc.message
+    assert back.details["likely_cause"] == exc.details["likely_cause"]
+
+
+def test_refusal_through_the_cli_names_the_key_usage(two_keys: Path, distrustful: Emulator) -> None:
+    """`get --no-agent` refused: exit 77, stdout empty, stderr names key usage and 'auth'."""
+    result = _cli(two_keys, distrustful, "get", SCOPES[0], "--no-agent", alias="sign")
+    assert result.returncode == 77 and result.stdout == "", result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("mpagent: Maskinporten refused the grant: invalid_grant [MP-120]")
+    assert "nonRepudiation, not digitalSignature" in last and 'alias = "auth"' in last
+
+
+def test_refusal_with_the_authentication_entry_blames_no_key_usage(
+    two_keys: Path, distrustful: Emulator
+) -> None:
+    """The same refusal of the digitalSignature entry says nothing about key usage."""
+    profile = _profile(two_keys, distrustful, "auth")
+    key = load_key(profile, StaticPasswords(ASCII_PW))
+    with pytest.raises(IssuerRejected) as info:
+        Exchange(profile, key, Issuer(distrustful.issuer)).fetch([SCOPES[0]])
+    assert "Likely cause" not in info.value.message
+    assert "likely_cause" not in info.value.details
+
+
+@pytest.mark.parametrize(
+    ("details", "blamed"),
+    [
+        ({"error": "invalid_grant", "mp_code": "MP-120"}, True),
+        ({"error": "invalid_grant", "mp_code": "MP-124"}, True),
+        ({"error": "invalid_grant", "mp_code": "MP-100"}, True),
+        ({"error": "invalid_grant", "error_description": "Invalid assertion"}, True),
+        ({"error": "invalid_scope", "mp_code": "MP-200"}, False),
+        ({"error": "forbidden", "mp_code": "MP-250"}, False),
+        ({"error": "invalid_grant", "mp_code": "MP-130"}, False),
+        ({"error": "invalid_grant", "error_description": "Issue time is after now"}, False),
+    ],
+)
+def test_which_refusals_may_be_the_certificate(details: dict[str, str], blamed: bool) -> None:
+    """Certificate and signature refusals may be the key usage; scope, delegation and clock
+    refusals happen after the certificate was accepted or name their own cause."""
+    assert may_be_the_certificate(IssuerRejected("refused", **details)) is blamed
+
+
+@pytest.mark.parametrize("command", [("grant",), ("get", "--no-agent")])
+def test_expired_certificate_stays_an_error_through_the_cli(
+    command: tuple[str, ...], tmp_path: Path, home: Path, emulator: Emulator, ca: pki.Issued
+) -> None:
+    """An expired certificate is refused by `grant` and `get --no-agent`: exit 78, no request."""
+    now = dt.datetime.now(dt.UTC)
+    old = pki.make_leaf(
+        ca, not_before=now - dt.timedelta(days=9), not_after=now - dt.timedelta(days=2)
+    )
+    keystore = write_pkcs12(tmp_path / "old.p12", {"auth": old}, ASCII_PW)
+    result = _cli(keystore, emulator, command[0], SCOPES[0], *command[1:])
+    assert result.returncode == 78 and result.stdout == "", result.stderr
+    assert f"{keystore} (entry 'auth'): the certificate" in result.stderr
+    assert f"expired on {old.cert.not_valid_after_utc.isoformat()}" in result.stderr
+    assert emulator.token_requests == 0
+
+
+def test_not_yet_valid_certificate_stays_an_error_through_the_cli(
+    tmp_path: Path, home: Path, emulator: Emulator, ca: pki.Issued
+) -> None:
+    """A certificate valid only from tomorrow is refused by `get --no-agent`: exit 78."""
+    tomorrow = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    early = pki.make_leaf(ca, not_before=tomorrow)
+    keystore = write_pkcs12(tmp_path / "early.p12", {"auth": early}, ASCII_PW)
+    result = _cli(keystore, emulator, "get", SCOPES[0], "--no-agent")
+    assert result.returncode == 78 and result.stdout == "", result.stderr
+    assert "is not valid until" in result.stderr and "clock" in result.stderr
+    assert emulator.token_requests == 0

@@ -231,3 +231,16 @@ def test_typo_in_an_on_demand_scope(agent: AgentProcess) -> None:
     assert "did you mean 'idporten:dcr.read'?" in result.stderr
     assert "the agent tries again in" in result.stderr
     assert "`mpagent refresh test` tries now" in result.stderr
+
+
+def test_doctor_checks_only_the_profile_it_is_given(two_profiles: Path) -> None:
+    """`doctor --profile test` with a mistake in prod: the config row warns (`!`) naming prod,
+    the rest is checked and doctor exits 0; `doctor --profile prod` fails with the mistake."""
+    two_profiles.write_text(two_profiles.read_text() + 'algorithm = "ES256"\n')
+    test = run_cli("doctor", "--profile", "test", "--config", str(two_profiles))
+    assert test.returncode == 0, test.stdout + test.stderr
+    config_row = next(line for line in test.stdout.splitlines() if "config" in line)
+    assert config_row.startswith("!") and "profile prod cannot be used" in config_row
+    assert "✓ token for idporten:dcr.read" in test.stdout
+    prod = run_cli("doctor", "-p", "prod", "--config", str(two_profiles))
+    assert prod.returncode == 78 and "[profiles.prod] algorithm is 'ES256'" in prod.stdout

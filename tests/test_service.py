@@ -215,9 +215,10 @@ def test_status(config: Path, shim: dict[str, str]) -> None:
 
 
 def test_install_refuses_a_broken_config(tmp_path: Path, home: Path, shim: dict[str, str]) -> None:
-    """A configuration the agent would reject (exit 78) is reported and nothing is written."""
+    """A configuration the agent would reject (exit 78: not valid TOML) is reported and
+    nothing is written."""
     broken = tmp_path / "broken.toml"
-    broken.write_text("[profiles.dev]\nclient_id = 3\n")
+    broken.write_text("[profiles.dev\nclient_id = 3\n")
     result = run_cli("--config", str(broken), "service", "install", env=shim)
     assert result.returncode == 78 and str(broken) in result.stderr
     assert not unit_dir().exists() and calls(shim) == []

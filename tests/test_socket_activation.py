@@ -192,10 +192,10 @@ def test_bad_config_answers_the_waiting_clients(
     queue with the config error (exit 78) at once, then exits 78, rather than leaving them to
     their 30 s timeout."""
     broken = tmp_path / "broken.toml"
-    broken.write_text('[profiles.dev]\nenvironment = "test"\n')
+    broken.write_text('[profiles.dev]\nenvironment = "test"\n[agent]\nidle_timeout = "soon"\n')
     early = waiting_get()
     agent = activate(agents, listener, broken, notify, tmp_path / "agent.log")
     out, err = early.communicate(timeout=10)
     assert early.returncode == 78 and out == ""
-    assert "[profiles.dev] scopes is missing" in err, err
+    assert "[agent] idle_timeout is 'soon'" in err, err
     assert agent.wait(10) == 78
