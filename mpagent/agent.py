@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,36 +38,58 @@ DRAIN_TIMEOUT = 10.0
 QUEUED_CLIENTS_WAIT = 0.5
 
 
+@dataclass
+class Loaded:
+    """Every profile of a configuration, opened: what the agent adopts."""
+
+    sources: dict[str, Source] = field(default_factory=dict)
+    unusable: dict[str, MpagentError] = field(default_factory=dict)  # no Profile to use
+    problems: dict[str, str] = field(default_factory=dict)  # a line per unusable profile
+    passwords: dict[str, str] = field(default_factory=dict)  # "locked", "unlocked (from: env)"
+
+
 def load_sources(
-    cfg: Config, *, interactive: bool = False, previous: dict[str, Source] | None = None
-) -> tuple[dict[str, Source], dict[str, MpagentError], dict[str, str]]:
-    """Open every profile's key; each profile fails alone. Returns the sources, the profiles
-    whose configuration is wrong (they have no source), and a problem line per profile that
-    cannot be used. On a reload (`previous`), a profile that worked keeps its previous source
-    when its new version cannot be used: an edit that breaks prod never costs prod's tokens."""
-    sources: dict[str, Source] = {}
-    unusable: dict[str, MpagentError] = {}
-    problems: dict[str, str] = {}
+    cfg: Config,
+    *,
+    interactive: bool = False,
+    previous: dict[str, Source] | None = None,
+    unlocked: dict[str, dict[str, str]] | None = None,
+) -> Loaded:
+    """Open every profile's key; each profile fails alone. On a reload (`previous`), a
+    profile that worked keeps its previous source when its new version cannot be used: an
+    edit that breaks prod never costs prod's tokens. `unlocked`: the passwords `mpagent
+    unlock` handed over, by profile."""
+    out = Loaded()
     for name in cfg.names:
+        passwords = None
         try:
             profile = cfg.profile(name)
-            passwords = ProfilePasswords(name, interactive=interactive)
-            sources[name] = Source(profile, exchange=open_exchange(cfg, profile, passwords))
+            passwords = ProfilePasswords.for_profile(
+                profile, unlocked=(unlocked or {}).get(name), interactive=interactive
+            )
+            out.sources[name] = Source(profile, exchange=open_exchange(cfg, profile, passwords))
+            source = passwords.source("keystore")
+            out.passwords[name] = f"unlocked (from: {source})" if source else "not needed"
             continue
         except MpagentError as exc:
             error = exc
+        if error.details.get("locked"):
+            out.passwords[name] = "locked"
+            error = type(error)(error.message, **{**error.details, "profile": name})
+        elif passwords is not None and (source := passwords.source("keystore")):
+            out.passwords[name] = f"wrong password? (from: {source})"
         old = (previous or {}).get(name)
         if old is not None and old.exchange is not None:
-            sources[name] = old
-            problems[name] = f"{error.message}; its previous configuration keeps running"
+            out.sources[name] = old
+            out.problems[name] = f"{error.message}; its previous configuration keeps running"
         elif name in cfg.broken:
-            unusable[name] = error
-            problems[name] = error.message
+            out.unusable[name] = error
+            out.problems[name] = error.message
         else:
-            sources[name] = Source(cfg.profiles[name], error=error)
-            problems[name] = error.message
-        log.error("profile %s cannot be used: %s", name, problems[name])
-    return sources, unusable, problems
+            out.sources[name] = Source(cfg.profiles[name], error=error)
+            out.problems[name] = error.message
+        log.error("profile %s cannot be used: %s", name, out.problems[name])
+    return out
 
 
 class Agent:
@@ -77,6 +100,9 @@ class Agent:
         self.started = time.time()
         self.reload_error: MpagentError | None = None
         self.problems: dict[str, str] = {}
+        self.passwords: dict[str, str] = {}
+        self.unlocked: dict[str, dict[str, str]] = {}  # `mpagent unlock`: memory only
+        self.bridge: Any = None  # set by _start_bridge; a client may ask for a reload before
         self._unwarned: set[str] = set()  # profiles whose key warnings no `get` has carried yet
         self.stopping = asyncio.Event()
         self.fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mpagent-fetch")
@@ -85,6 +111,7 @@ class Agent:
             self.fetch_pool, idle_timeout=cfg.agent.idle_timeout, on_change=self._env_changed
         )
         self._env_written: str | None = None
+        self.env_error: str | None = None  # the last env-file write failure, for `status`
         self._env_task: asyncio.Task[None] | None = None
         self._env_dirty = False
         self._reload_handle: asyncio.TimerHandle | None = None
@@ -101,7 +128,7 @@ class Agent:
             loaded = await loop.run_in_executor(
                 self.io, lambda: load_sources(self.cfg, interactive=os.isatty(0))
             )
-            self._adopt(self.cfg, *loaded)
+            self._adopt(self.cfg, loaded)
             await listener.start(self.handle)
             bridge_server = await self._start_bridge()
             self._install_signals(loop)
@@ -148,17 +175,20 @@ class Agent:
         while listener.busy() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
-    async def _start_bridge(self) -> asyncio.AbstractServer | None:
-        """The opt-in loopback token endpoint for HTTP tools; its settings apply at start."""
-        if self.cfg.bridge.listen is None:
-            return None
+    async def _start_bridge(self) -> Any:
+        """The opt-in loopback token endpoint for HTTP tools: its address applies at start,
+        its secret at every reload (`self.bridge.reread`)."""
         from mpagent import bridge
 
+        self.bridge = bridge.Off()
+        if self.cfg.bridge.listen is None:
+            return self.bridge
         try:
-            return await bridge.start(self.cfg.bridge, self.refresher, self.io)
+            self.bridge = await bridge.start(self.cfg.bridge, self.refresher, self.io)
         except MpagentError as exc:  # e.g. the port is taken: the socket still serves
             log.error("the token bridge is off: %s", exc)
-            return None
+            self.bridge = bridge.Off(self.cfg.bridge.listen, exc.message)  # `status` says why
+        return self.bridge
 
     def _lock(self) -> int:
         """Single instance per socket: a lock held for the agent's life."""
@@ -192,6 +222,10 @@ class Agent:
             return self._reload_reply()
         if verb == "refresh":
             return self._refresh_reply(protocol.first(fields, "profile"))
+        if verb == "unlock":
+            return self._unlock(fields)
+        if verb == "lock":
+            return self._lock_profiles(protocol.every(fields, "profile"))
         if verb == "stop":
             self.stopping.set()
             return protocol.encode(["ok"], [("pid", str(os.getpid()))])
@@ -232,6 +266,30 @@ class Agent:
         await self.reload("requested")
         return protocol.encode(["ok"], [("json", json.dumps({"unusable": self.problems}))])
 
+    async def _unlock(self, fields: protocol.Fields) -> bytes:
+        """`mpagent unlock`: passwords the client checked against the keystore, kept in this
+        process's memory only; the profile's key is opened with them at once."""
+        name = protocol.first(fields, "profile")
+        if name not in self.cfg.names:
+            raise ConfigError(f"no profile {name!r} (profiles: {', '.join(self.cfg.names)})")
+        given = {w: v for w in ("keystore", "key") if (v := protocol.first(fields, w))}
+        if not given:
+            raise ProtocolError("unlock needs a keystore or key password")
+        self.unlocked[name] = {**self.unlocked.get(name, {}), **given}
+        await self.reload(f"profile {name} unlocked")
+        if name in self.problems:
+            self.unlocked.pop(name, None)
+            raise ConfigError(f"profile {name} is still unusable: {self.problems[name]}")
+        return protocol.encode(["ok"], [("password", self.passwords.get(name, ""))])
+
+    async def _lock_profiles(self, names: list[str]) -> bytes:
+        """`mpagent lock [PROFILE...]`: forget passwords given by unlock (all, without names);
+        those profiles' keys and tokens go with them."""
+        forgotten = [n for n in (names or list(self.unlocked)) if self.unlocked.pop(n, None)]
+        if forgotten:
+            await self.reload(f"locked {', '.join(forgotten)}", forget=set(forgotten))
+        return protocol.encode(["ok"], [("locked", name) for name in forgotten])
+
     async def _refresh_reply(self, profile: str | None) -> bytes:
         entries = await self.refresher.refresh_now(profile)
         results = [
@@ -252,15 +310,18 @@ class Agent:
             "uptime": time.time() - self.started,
             "socket": str(self.socket_path),
             "env_file": str(self.env_path),
+            "env_file_error": self.env_error,
             "config": str(self.cfg.path),
             "reload_error": self.reload_error.message if self.reload_error else None,
             "profiles": {name: self.problems.get(name) for name in self.cfg.names},
+            "passwords": {name: self.passwords.get(name) for name in self.cfg.names},
             "warnings": {
                 name: warning
                 for name, s in self.refresher.sources.items()
                 if s.exchange and (warning := certificate_warning(s.exchange.key, time.time()))
             },
             "tokens": self.refresher.status(),
+            "bridge": self.bridge.status() if self.bridge is not None else None,
         }
 
     # -- reload --------------------------------------------------------------------------
@@ -278,7 +339,7 @@ class Agent:
         with contextlib.suppress(MpagentError):
             await self.reload("a watched file changed or SIGHUP")
 
-    async def reload(self, reason: str) -> None:
+    async def reload(self, reason: str, *, forget: set[str] | None = None) -> None:
         """Apply every valid change. Only a file that cannot be read or parsed, or a mistake
         outside [profiles], keeps the whole old configuration; a profile that cannot be used
         is reported and keeps its previous version if it had a working one."""
@@ -290,26 +351,26 @@ class Agent:
             self.reload_error = exc
             log.error("reload refused, the previous configuration keeps running: %s", exc)
             raise
-        previous = self.refresher.sources
-        loaded = await loop.run_in_executor(self.io, lambda: load_sources(cfg, previous=previous))
+        # `forget`: profiles just locked, whose previous (unlocked) version must not live on.
+        previous = {n: s for n, s in self.refresher.sources.items() if n not in (forget or ())}
+        unlocked = dict(self.unlocked)
+        loaded = await loop.run_in_executor(
+            self.io, lambda: load_sources(cfg, previous=previous, unlocked=unlocked)
+        )
         self.reload_error = None
-        self._adopt(cfg, *loaded)
+        self._adopt(cfg, loaded)
         self._watch()
+        if self.bridge is not None:
+            await self.bridge.reread(cfg.bridge)
         log.info("reloaded" + (f"; unusable: {', '.join(self.problems)}" if self.problems else ""))
 
-    def _adopt(
-        self,
-        cfg: Config,
-        sources: dict[str, Source],
-        unusable: dict[str, MpagentError],
-        problems: dict[str, str],
-    ) -> None:
-        self.cfg, self.problems = cfg, problems
+    def _adopt(self, cfg: Config, loaded: Loaded) -> None:
+        self.cfg, self.problems, self.passwords = cfg, loaded.problems, loaded.passwords
         self._unwarned = {
-            name for name, s in sources.items() if s.exchange and s.exchange.key.warnings
+            name for name, s in loaded.sources.items() if s.exchange and s.exchange.key.warnings
         }
         self.refresher.idle_timeout = cfg.agent.idle_timeout
-        self.refresher.set_sources(sources, cfg.default_profile, unusable)
+        self.refresher.set_sources(loaded.sources, cfg.default_profile, loaded.unusable)
 
     def _watch(self) -> None:
         from mpagent import watch
@@ -324,8 +385,24 @@ class Agent:
     # -- env file ------------------------------------------------------------------------
 
     def _prepare_env_file(self) -> None:
-        """Before the first write: remove temp files a killed agent left (they hold tokens)."""
+        """Before the first write: remove temp files a killed agent left (they hold tokens),
+        and the expired tokens of its env file. Its valid ones stay until ours replace them:
+        tools keep working while this agent fetches, even with the issuer down."""
         envfile.remove_leftovers(self.env_path)
+        try:
+            old = self.env_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return
+        valid = envfile.unexpired(old, time.time())
+        if valid == old:
+            return
+        try:
+            envfile.write_atomic(self.env_path, valid)
+        except OSError as exc:
+            self.env_error = f"cannot write {self.env_path}: {exc.strerror or exc}"
+            log.error("cannot remove expired tokens from %s: %s", self.env_path, exc)
+            return
+        log.info("removed the expired tokens a previous agent left in %s", self.env_path)
 
     def _env_changed(self) -> None:
         self._env_dirty = True
@@ -342,9 +419,10 @@ class Agent:
                 continue  # nothing new; and a crashed agent's file keeps its tokens until ours
             try:
                 await loop.run_in_executor(self.io, envfile.write_atomic, self.env_path, content)
-                self._env_written = content
+                self._env_written, self.env_error = content, None
                 log.debug("env file %s updated", self.env_path)
             except OSError as exc:
+                self.env_error = f"cannot write {self.env_path}: {exc.strerror or exc}"
                 log.error("cannot write the env file %s: %s", self.env_path, exc)
 
     async def _finish_env(self) -> None:
@@ -391,10 +469,31 @@ def _float(value: str | None, name: str) -> float | None:
     return number
 
 
-PLAIN = logging.Formatter("%(asctime)s mpagent[%(process)d] %(levelname)s %(message)s")
+class PlainFormatter(logging.Formatter):
+    """Log records with text from outside (an issuer's error_description, a client's scope)
+    escaped as on stderr: a record is one line, so nothing can forge another, and no ESC
+    sequence reaches the terminal that shows the log. A traceback keeps its line breaks."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return self._escape(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return "\n".join(map(self._escape, super().formatException(ei).split("\n")))
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join(map(self._escape, super().formatStack(stack_info).split("\n")))
+
+    @staticmethod
+    def _escape(text: str) -> str:
+        from mpagent.cli import printable  # the one escaping rule; cli is loaded already
+
+        return printable(text)
 
 
-class JournalFormatter(logging.Formatter):
+PLAIN = PlainFormatter("%(asctime)s mpagent[%(process)d] %(levelname)s %(message)s")
+
+
+class JournalFormatter(PlainFormatter):
     """Under systemd: journald adds time and pid itself; a <N> prefix gives the priority,
     so `journalctl -p err` finds errors."""
 
@@ -455,6 +554,8 @@ def notify(message: str) -> None:
 
 def run(config_path: str | None) -> int:
     """`mpagent agent`: load the configuration (exit 78 if it is wrong), then serve."""
+    from mpagent.logs import RateLimit
+
     try:
         cfg = config.load(config_path)
     except ConfigError as exc:
@@ -462,10 +563,13 @@ def run(config_path: str | None) -> int:
         raise
     handler = logging.StreamHandler()
     handler.setFormatter(JournalFormatter() if os.environ.get("JOURNAL_STREAM") else PLAIN)
+    handler.addFilter(RateLimit())  # a flood of one failure is counted, not written
     logging.basicConfig(
         level=os.environ.get("MPAGENT_LOG_LEVEL", cfg.agent.log_level).upper(), handlers=[handler]
     )
     # watchdog logs every event at debug level; a log file in a watched directory would then
     # feed itself forever.
     logging.getLogger("watchdog").setLevel(logging.INFO)
+    limit = server.raise_open_files_limit()
+    log.debug("open-files limit %d, so at most %d clients", limit, server.connection_cap(limit))
     return asyncio.run(Agent(cfg, config_path).run())

@@ -3,7 +3,14 @@ in front of the agent's cache, for HTTP tools that cannot sign Maskinporten's gr
 httpyac, ...): client_id is a profile name, client_secret the bridge secret. PRIOR-ART lesson
 12: loopback bind only; secret compared in constant time; Host must be a loopback name (DNS
 rebinding); browsers (Origin, Sec-Fetch-*) refused; head, body, read time and connections
-capped, so no client can hurt the agent. One request per connection; logs show fingerprints."""
+capped, so no client can hurt the agent. One request per connection; logs show fingerprints.
+The listen address applies when the agent starts; the secret is read again on every reload,
+so `mpagent bridge secret --rotate` takes effect without a restart.
+
+A loopback port is open to every local user, so on Linux the bridge answers only connections
+whose peer socket belongs to the agent's user (its uid from /proc/net/tcp{,6}), and counts
+connections per peer uid; a secret another user stole is then of no use. Where the platform
+gives no such answer (macOS, Windows) `status` says so, and the secret alone guards it."""
 
 from __future__ import annotations
 
@@ -11,20 +18,27 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import errno
 import hmac
 import http
+import http.client
 import ipaddress
 import json
 import logging
 import os
 import re
 import secrets
+import socket
 import stat
+import struct
+import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote_plus, urlsplit
+from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit
 
 import platformdirs
 
@@ -33,13 +47,26 @@ from mpagent.config import BridgeSettings
 from mpagent.errors import ConfigError, IssuerRejected, IssuerUnavailable, MpagentError
 from mpagent.errors import SecretUnavailable as NoKeyring
 from mpagent.issuer import Token, fingerprint
+from mpagent.logs import RateLimit
 from mpagent.passwords import SERVICE
 
 log = logging.getLogger(__name__)
+# Refused connections: one line a minute, then a count, so another user's loop cannot fill
+# the log (the lines of one kind share a count, whichever uid they name).
+peer_log = logging.getLogger(f"{__name__}.peers")
+peer_log.addFilter(RateLimit(burst=1))
 
 MAX_HEAD, MAX_BODY, READ_TIMEOUT, MAX_CLIENTS = 16 * 1024, 64 * 1024, 10.0, 64
+EARLY_IDLE = 2.0  # near the cap, a connection with no request head after this long is closed
+PROC_NET = {"tcp": "/proc/net/tcp", "tcp6": "/proc/net/tcp6"}
+PEER_CHECK = sys.platform.startswith("linux") and os.path.exists(PROC_NET["tcp"])
+_NETLINK_SOCK_DIAG, _SOCK_DIAG_BY_FAMILY = 4, 20  # linux/netlink.h, linux/sock_diag.h
 KEYRING_USER = "bridge"
-HINT = "run `mpagent bridge secret`, then restart the agent (`mpagent stop`)"
+KEYRING_PLACE = f'the OS keyring (service "{SERVICE}", username "{KEYRING_USER}")'
+HINT = "run `mpagent bridge secret`: it makes one if there is none, and a running agent takes it"
+NO_SECRET = f"the agent has no usable bridge secret (see its log); {HINT}"
+WRONG_SECRET = "wrong client_secret; `mpagent bridge secret` shows the current one"  # noqa: S105
+PROBE_CLIENT = "mpagent-secret-check"
 _FIXED_HEADERS = (
     "Content-Type: application/json;charset=UTF-8\r\nCache-Control: no-store\r\n"
     "Pragma: no-cache\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n"
@@ -52,28 +79,100 @@ _SINGLE = {"host", "content-length", "content-type", "authorization", "transfer-
 
 async def start(
     settings: BridgeSettings, refresher: Any, io: Executor, *, read_timeout: float = READ_TIMEOUT
-) -> asyncio.AbstractServer:
+) -> Bridge:
     """Read the secret (on the I/O thread), then listen on the loopback address."""
     if settings.listen is None or not is_loopback(settings.listen[0]):
         raise ConfigError(f"[bridge] listen {settings.listen}: use 127.0.0.1:PORT or [::1]:PORT")
-    store = SecretStore(settings.secret_file)
-    secret = await asyncio.get_running_loop().run_in_executor(io, store.load)
-    bridge = Bridge(refresher, secret, read_timeout)
+    bridge = Bridge(refresher, settings, io, read_timeout)
+    bridge.set_secret(await bridge.read_secret(settings))
     try:
         server = await asyncio.start_server(bridge.serve, *settings.listen, limit=MAX_HEAD)
     except OSError as exc:
-        raise ConfigError(f"[bridge] cannot listen on {settings.listen}: {exc.strerror}") from exc
+        where = listen_text(settings.listen)
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"[bridge] listen {where} is taken by {describe(holder(settings.listen))}; a "
+                "tool that sends the bridge secret there gives it to that process. Stop it, or "
+                "set [bridge] listen to a free port; then `mpagent stop` and start the agent again"
+            ) from exc
+        raise ConfigError(f"[bridge] cannot listen on {where}: {exc.strerror}") from exc
     # "localhost" is resolved by the system: it must have given loopback addresses only.
     if not all(is_loopback(s.getsockname()[0]) for s in server.sockets):
         server.close()
         raise ConfigError(f"[bridge] listen {settings.listen}: not only loopback addresses")
+    bridge.server = server
     log.info("token bridge for HTTP tools on %s", token_url(settings.listen))
-    return server
+    return bridge
+
+
+class Off:
+    """The bridge when [bridge] listen is not set (`error` None) or it could not start (null
+    object)."""
+
+    def __init__(self, listen: tuple[str, int] | None = None, error: str | None = None) -> None:
+        self.listen, self.error = listen, error
+
+    async def reread(self, settings: BridgeSettings) -> None:
+        """Nothing to re-read: the listen address applies when the agent starts."""
+
+    def close(self) -> None:
+        pass
+
+    def status(self) -> dict[str, Any]:
+        listen = listen_text(self.listen) if self.listen else None
+        return {"listen": listen, "serving": False, "error": self.error}
+
+
+def not_serving(state: dict[str, Any] | None, listen: tuple[str, int]) -> str | None:
+    """Why the running agent's bridge (its `status()["bridge"]`) does not serve on `listen`
+    (the config's), or None when it does."""
+    where = listen_text(listen)
+    if not state or state.get("listen") is None:
+        return "the running agent has no bridge: it started before [bridge] listen was set"
+    if not state.get("serving"):
+        return f"the running agent's bridge is off: {state.get('error')}"
+    if state["listen"] != where:
+        return f"the running agent's bridge listens on {state['listen']}, [bridge] says {where}"
+    return None
+
+
+def accepts(listen: tuple[str, int], secret: str, timeout: float = 5.0) -> bool:
+    """Does the bridge on `listen` take `secret`? Asks with a client_id no profile has and no
+    grant_type, so that no token is ever fetched; raises OSError when nothing answers, or
+    when what answers is another user's (it is not sent the secret)."""
+    form = urlencode({"client_id": PROBE_CLIENT, "client_secret": secret})
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    connection = http.client.HTTPConnection(*listen, timeout=timeout)
+    try:
+        connection.connect()
+        if PEER_CHECK and connection.sock is not None:
+            found = peer(connection.sock.getsockname(), connection.sock.getpeername())
+            if found is None or found.uid != os.getuid():
+                raise OSError(
+                    f"{listen_text(listen)} is held by {describe(holder(listen) or found)}, "
+                    "not by your agent: the secret was not sent"
+                )
+        connection.request("POST", "/token", body=form, headers=headers)
+        response = connection.getresponse()
+        body = response.read(MAX_BODY)
+    except http.client.HTTPException as exc:
+        raise OSError(f"not the token bridge: {exc}") from exc
+    finally:
+        connection.close()
+    try:
+        description = json.loads(body).get("error_description")
+    except (ValueError, AttributeError):
+        raise OSError("not the token bridge: its answer is not JSON") from None
+    return description not in (_ascii(WRONG_SECRET), _ascii(NO_SECRET))
 
 
 def token_url(listen: tuple[str, int]) -> str:
+    return f"http://{listen_text(listen)}/token"
+
+
+def listen_text(listen: tuple[str, int]) -> str:
     host, port = listen
-    return f"http://[{host}]:{port}/token" if ":" in host else f"http://{host}:{port}/token"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Refusal(Exception):
@@ -95,40 +194,108 @@ def render(status: int, document: dict[str, Any]) -> bytes:
 class Bridge:
     """Serves connections; `refresher` is the agent's (sources, cached(), get())."""
 
-    def __init__(self, refresher: Any, secret: str | None, read_timeout: float) -> None:
-        self.refresher, self.read_timeout = refresher, read_timeout
-        self._secret, self.clients = (secret.encode() if secret else None), 0
+    def __init__(
+        self, refresher: Any, settings: BridgeSettings, io: Executor, read_timeout: float
+    ) -> None:
+        self.refresher, self.settings, self.io = refresher, settings, io
+        self.read_timeout, self.slots = read_timeout, Slots()
+        self.uid = os.getuid() if PEER_CHECK else None
+        self.refused: dict[int | None, int] = {}  # connections of other users, by uid
+        self._secret: bytes | None = None
+        self.server: asyncio.AbstractServer | None = None
+
+    def status(self) -> dict[str, Any]:
+        check = f"on: only uid {self.uid} is answered (each peer's uid asked of the kernel)"
+        listen = self.settings.listen
+        return {
+            "listen": listen_text(listen) if listen else None,
+            "serving": True,
+            "url": token_url(listen) if listen else None,
+            "peer_check": check if PEER_CHECK else "unavailable on this platform",
+            "connections": self.slots.count(self.uid),
+            "refused": {str(uid): n for uid, n in self.refused.items()},
+        }
+
+    def set_secret(self, secret: str | None) -> None:
+        self._secret = secret.encode() if secret else None
+
+    async def read_secret(self, settings: BridgeSettings) -> str | None:
+        """On the I/O thread: the keyring may block."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.io, SecretStore(settings.secret_file).load)
+
+    async def reread(self, settings: BridgeSettings) -> None:
+        """On a reload: the secret as it is kept now (a rotated one replaces the old at once);
+        when none can be read, the previous one keeps working, as the old configuration does
+        when a new one is wrong."""
+        if settings.listen != self.settings.listen:
+            log.warning("bridge: [bridge] listen changes when the agent restarts (`mpagent stop`)")
+        secret = await self.read_secret(settings)
+        if secret is not None:
+            self.set_secret(secret)
+        elif self._secret is not None:
+            log.error("bridge: the previous secret keeps working until one can be read")
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = ":".join(map(str, (writer.get_extra_info("peername") or ("?", "?"))[:2]))
-        if self.clients >= MAX_CLIENTS:
-            log.warning("bridge: %d connections open; dropping %s", self.clients, peer)
+        address = ":".join(map(str, (writer.get_extra_info("peername") or ("?", "?"))[:2]))
+        slot = self._admit(writer, address)
+        if slot is None:  # another user's, or no room: closed before a byte is read
             writer.transport.abort()
             return
-        self.clients += 1
         try:
-            writer.write(await self._reply(reader, peer))
-            await asyncio.wait_for(writer.drain(), self.read_timeout)
+            reply = await self._reply(reader, address, slot)
+            if not slot.closed:
+                writer.write(reply)
+                await asyncio.wait_for(writer.drain(), self.read_timeout)
         except (ConnectionError, TimeoutError) as exc:
-            log.debug("bridge: %s went away: %s", peer, type(exc).__name__)
+            log.debug("bridge: %s went away: %s", address, type(exc).__name__)
         except Exception:  # connection boundary: a bug here must not reach the agent
-            log.exception("bridge: unexpected error serving %s", peer)
+            log.exception("bridge: unexpected error serving %s", address)
         finally:
-            self.clients -= 1
+            self.slots.release(slot)
             writer.close()  # the reply is small: the kernel takes it even from a peer not reading
 
-    async def _reply(self, reader: asyncio.StreamReader, peer: str) -> bytes:
+    def _admit(self, writer: asyncio.StreamWriter, address: str) -> Slot | None:
+        """A slot for a connection of the agent's user (of anyone, where the platform cannot
+        tell), or None; each kind of refusal logged once a minute at most."""
+        uid = None  # where the platform cannot tell, all peers share one count
+        if PEER_CHECK:
+            here, there = writer.get_extra_info("sockname"), writer.get_extra_info("peername")
+            found = peer(here, there) if here and there else None
+            uid = found.uid if found else None
+            if uid != self.uid:
+                self.refused[uid] = self.refused.get(uid, 0) + 1
+                who = "a peer whose uid cannot be found" if uid is None else f"uid {uid}"
+                peer_log.warning(
+                    "bridge: refused a connection from %s; it answers only uid %s, the "
+                    "agent's user",
+                    who,
+                    self.uid,
+                )
+                return None
+        slot = self.slots.admit(uid, time.monotonic(), writer.transport.abort)
+        if slot is None:
+            peer_log.warning("bridge: %d connections busy; dropping %s", MAX_CLIENTS, address)
+        return slot
+
+    async def _reply(self, reader: asyncio.StreamReader, address: str, slot: Slot) -> bytes:
         try:
-            return await self._answer(await self._read(reader))
+            return await self._answer(await self._read(reader, slot))
         except Refusal as refusal:
-            log.info("bridge: %d %s to %s: %s", refusal.status, refusal.error, peer, refusal)
+            if not slot.closed:  # closed to make room: it hears nothing, nor does the log
+                log.info("bridge: %d %s to %s: %s", refusal.status, refusal.error, address, refusal)
             error = {"error": refusal.error, "error_description": str(refusal)}
             return render(refusal.status, error)
 
-    async def _read(self, reader: asyncio.StreamReader) -> Request:
+    async def _read(self, reader: asyncio.StreamReader, slot: Slot) -> Request:
         try:
             async with asyncio.timeout(self.read_timeout):
                 request = Request(await reader.readuntil(b"\r\n\r\n"))
+                slot.idle = False
                 request.body = await reader.readexactly(request.screen())
                 return request
         except asyncio.LimitOverrunError:
@@ -140,11 +307,11 @@ class Bridge:
 
     async def _answer(self, request: Request) -> bytes:
         if self._secret is None:
-            raise Refusal(f"the agent has no usable bridge secret (see its log); {HINT}", 401)
+            raise Refusal(NO_SECRET, 401)
         form = request.form()
         client_id, secret = request.credentials(form)
         if not hmac.compare_digest(secret.encode(), self._secret):
-            raise Refusal("wrong client_secret; use the one `mpagent bridge secret` printed", 401)
+            raise Refusal(WRONG_SECRET, 401)
         names = [*self.refresher.sources, *self.refresher.unusable]
         if client_id not in names:
             known = ", ".join(sorted(names))
@@ -292,31 +459,232 @@ def _ascii(text: str) -> str:
     return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
+# -- connections per peer uid
+
+
+@dataclass(eq=False)
+class Slot:
+    """One connection's place: idle until its request head is complete."""
+
+    uid: int | None
+    opened: float
+    close: Callable[[], None]
+    idle: bool = True
+    closed: bool = False  # by Slots, to make room: it gets no answer
+
+
+class Slots:
+    """At most `cap` connections per peer uid. From three quarters of the cap on, connections
+    with no complete request head after `early` s are closed, and at the cap the oldest idle
+    one makes room for the new one: connections held open and idle (by a stuck tool, or by
+    another user where the platform cannot tell users apart) never lock out a request."""
+
+    def __init__(self, cap: int = MAX_CLIENTS, early: float = EARLY_IDLE) -> None:
+        self.cap, self.near, self.early = cap, cap * 3 // 4, early
+        self.by_uid: dict[int | None, list[Slot]] = {}  # each in the order they came
+
+    def count(self, uid: int | None) -> int:
+        return len(self.by_uid.get(uid, ()))
+
+    def admit(self, uid: int | None, now: float, close: Callable[[], None]) -> Slot | None:
+        """A slot for a new connection (`close` ends it), or None: all are busy."""
+        slots = self.by_uid.setdefault(uid, [])
+        if len(slots) >= self.near:
+            for slot in [s for s in slots if s.idle and now - s.opened >= self.early]:
+                self._close(slot)
+        if len(slots) >= self.cap:
+            oldest_idle = next((s for s in slots if s.idle), None)
+            if oldest_idle is None:
+                return None
+            self._close(oldest_idle)
+        slot = Slot(uid, now, close)
+        slots.append(slot)
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        slots = self.by_uid.get(slot.uid, [])
+        if slot in slots:
+            slots.remove(slot)
+
+    def _close(self, slot: Slot) -> None:
+        self.release(slot)
+        slot.closed = True
+        slot.close()
+
+
+# -- who is at the other end of a loopback connection (Linux: /proc/net/tcp{,6})
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A TCP socket of this machine: its owner's uid, and its inode (0 while it waits in a
+    listen queue, not yet accepted)."""
+
+    uid: int
+    inode: int
+
+    def pids(self) -> list[int]:
+        """The processes that hold it, as far as /proc shows them to us (every process's to
+        root, only our own to anyone else)."""
+        target, found = f"socket:[{self.inode}]", []
+        for pid in filter(str.isdigit, os.listdir("/proc") if self.inode else ()):
+            with contextlib.suppress(OSError):
+                fds = os.listdir(f"/proc/{pid}/fd")
+                if any(_link(f"/proc/{pid}/fd/{fd}") == target for fd in fds):
+                    found.append(int(pid))
+        return found
+
+
+def _link(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def proc_address(host: str, port: int) -> dict[str, str]:
+    """How /proc/net/tcp and tcp6 spell host:port: the address as 32-bit words in this
+    machine's byte order, in hex, and the port. An IPv4 address appears in tcp6 too, as
+    ::ffff:a.b.c.d (a dual-stack socket's view of it)."""
+    address = ipaddress.ip_address(host)
+    v4 = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else address
+    forms = {}
+    if v4 is not None:
+        forms["tcp"] = v4.packed
+        address = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + v4.packed)
+    forms["tcp6"] = address.packed
+    return {
+        table: "".join(f"{w:08X}" for w in struct.unpack(f"={len(raw) // 4}I", raw))
+        + f":{port:04X}"
+        for table, raw in forms.items()
+    }
+
+
+def _table(table: str) -> str:
+    try:
+        with open(PROC_NET[table], encoding="ascii") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def peer(local: tuple[Any, ...], remote: tuple[Any, ...]) -> Peer | None:
+    """The socket at the other end of our connection from `local` to `remote`: the one whose
+    own local address is our remote and whose remote is our local; None if there is none
+    (it is gone). Asked of the kernel by its address (sock_diag), where netlink is allowed;
+    else found in /proc/net/tcp{,6}, which the kernel writes out whole on every read: with
+    3,300 sockets in TIME_WAIT (any user's connection loop leaves them) that took 13 ms."""
+    try:
+        return peer_by_netlink(local, remote)
+    except OSError:  # no netlink here (a sandbox, RestrictAddressFamilies)
+        return peer_by_proc(local, remote)
+
+
+def peer_by_netlink(local: tuple[Any, ...], remote: tuple[Any, ...]) -> Peer | None:
+    """sock_diag(7): one SOCK_DIAG_BY_FAMILY request for the exact socket (no dump), answered
+    with an inet_diag_msg holding its uid and inode, or an error (ENOENT: none)."""
+    (mine, my_port), (theirs, their_port) = local[:2], remote[:2]
+    family = socket.AF_INET6 if ":" in theirs else socket.AF_INET
+    src, dst = (ipaddress.ip_address(a).packed.ljust(16, b"\0") for a in (theirs, mine))
+    sockid = struct.pack("!HH16s16s", their_port, my_port, src, dst)
+    sockid += struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)  # any interface, no cookie
+    request = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + sockid
+    header = struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY, 1, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as link:
+        link.settimeout(1.0)
+        link.sendto(header + request, (0, 0))
+        reply = link.recv(4096)
+    if len(reply) < 88 or struct.unpack_from("=H", reply, 4)[0] != _SOCK_DIAG_BY_FAMILY:
+        return None
+    uid, inode = struct.unpack_from("=II", reply, 16 + 64)  # inet_diag_msg.idiag_uid, _inode
+    return Peer(uid, inode)
+
+
+def peer_by_proc(local: tuple[Any, ...], remote: tuple[Any, ...]) -> Peer | None:
+    """The same, from /proc/net/tcp{,6}: one search of one or two files."""
+    ours, theirs = proc_address(*local[:2]), proc_address(*remote[:2])
+    for table in (t for t in PROC_NET if t in ours and t in theirs):
+        text = _table(table)
+        at = text.find(f" {theirs[table]} {ours[table]} ")
+        if at >= 0:
+            row = text[text.rfind("\n", 0, at) + 1 : text.find("\n", at)].split()
+            return Peer(int(row[7]), int(row[9]))
+    return None
+
+
+def holder(listen: tuple[str, int]) -> Peer | None:
+    """The socket that holds `listen`'s port (listening, if one does) at its address or at
+    the wildcard address; None if /proc shows none."""
+    host, port = listen
+    hosts = ["127.0.0.1", "::1"] if host == "localhost" else [host]
+    wanted: dict[str, set[str]] = {table: set() for table in PROC_NET}
+    for address in [*hosts, "0.0.0.0", "::"]:  # noqa: S104 - what to look for, not a bind
+        for table, spelled in proc_address(address, port).items():
+            wanted[table].add(spelled)
+    rows = [
+        row
+        for table in PROC_NET
+        for row in (line.split() for line in _table(table).splitlines()[1:])
+        if len(row) > 9 and row[1] in wanted[table]
+    ]
+    rows.sort(key=lambda row: row[3] != "0A")  # TCP_LISTEN first
+    return Peer(int(rows[0][7]), int(rows[0][9])) if rows else None
+
+
+def describe(found: Peer | None) -> str:
+    """'uid 1001 (user mallory), pid 4242', as far as this process can see it."""
+    if found is None:
+        return "another process (this system does not say whose)"
+    import pwd  # Unix only, as /proc is
+
+    try:
+        name = f" (user {pwd.getpwuid(found.uid).pw_name})"
+    except KeyError:
+        name = ""
+    pids = found.pids()
+    if not pids:
+        return f"uid {found.uid}{name}; its pid is not visible to you"
+    return f"uid {found.uid}{name}, pid{'s' if len(pids) > 1 else ''} {', '.join(map(str, pids))}"
+
+
 class SecretStore:
     """The bridge secret: in the OS keyring (service "mpagent", username "bridge"), else a 0600
-    file. Blocking: the agent uses it on its I/O thread. passwords handles keyring quirks."""
+    file; the keyring's wins, as the agent reads it. Blocking: the agent uses it on its I/O
+    thread. passwords handles keyring quirks."""
 
     def __init__(self, secret_file: Path | None) -> None:
         config_dir = platformdirs.user_config_dir(paths.APP, appauthor=False)
         self.path = secret_file or Path(config_dir, "bridge.secret")
 
-    def load(self) -> str | None:
-        """The keyring's secret, else the file's; None (the reason logged) if neither."""
+    def where(self, in_keyring: bool) -> str:
+        return KEYRING_PLACE if in_keyring else f"{self.path} (mode 0600)"
+
+    def find(self) -> tuple[str, bool] | None:
+        """(the secret, kept in the keyring?), or None if neither place has one. A keyring that
+        cannot be used counts as empty; a file that cannot be used raises ConfigError."""
         with contextlib.suppress(NoKeyring):
             if stored := passwords.stored(KEYRING_USER):
-                log.info("bridge: using the secret stored in the OS keyring")
-                return stored
+                return stored, True
         try:
-            if stored := self.read_file():
-                log.info("bridge: using the secret in %s", self.path)
-                return str(stored)
+            secret = self.read_file()
         except FileNotFoundError:
-            pass
-        except (OSError, ConfigError) as exc:
-            log.error("bridge: cannot use %s: %s; all token requests are refused", self.path, exc)
             return None
-        log.error("bridge: no secret in the OS keyring or %s; %s", self.path, HINT)
-        return None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {self.path}: {exc.strerror or exc}; {HINT}") from exc
+        return (secret, False) if secret else None
+
+    def load(self) -> str | None:
+        """For the agent: the secret, or None; where it came from, or why none, logged."""
+        try:
+            found = self.find()
+        except ConfigError as exc:
+            log.error("bridge: %s; all token requests are refused", exc)
+            return None
+        if found is None:
+            log.error("bridge: no secret in the OS keyring or %s; %s", self.path, HINT)
+            return None
+        log.info("bridge: using the secret in %s", self.where(found[1]))
+        return found[0]
 
     def read_file(self) -> str | None:
         """Refuses a symlink, and a file that is not regular, not ours, or open to others."""
@@ -324,19 +692,41 @@ class SecretStore:
         with os.fdopen(fd, encoding="utf-8") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-                mode = f"mode {st.st_mode & 0o777:o}"
-                raise ConfigError(f"not a private file of yours ({mode}); {HINT}")
+                raise ConfigError(
+                    f"{self.path} is not a private file of yours (mode {st.st_mode & 0o777:o}); "
+                    f"`chmod 600 {self.path}` if it is, else `mpagent bridge secret --rotate`"
+                )
             return f.read(4096).strip() or None
 
-    def store_new(self, *, to_file: bool) -> tuple[str, str]:
-        """A new secret, kept in the keyring (or the file: asked for, or no usable keyring);
-        the other place's old one is removed so the agent reads this one. (secret, where)"""
-        secret, where = secrets.token_urlsafe(32), f"{self.path} (mode 0600)"
+    def obtain(self, *, rotate: bool, to_file: bool) -> tuple[str, str, str]:
+        """`mpagent bridge secret`: (secret, where it is kept, what happened: "found", "moved",
+        "made" or "rotated"). The current secret unless there is none or `rotate`; a new one
+        is kept where the old one was, in the file if `to_file`, else in the keyring if usable.
+        `to_file` moves a secret found in the keyring to the file (the tools keep theirs)."""
+        try:
+            found = self.find()
+        except ConfigError:
+            if not rotate:
+                raise
+            found = None  # a file that cannot be used is what --rotate replaces
+        if found is not None and not rotate:
+            secret, in_keyring = found
+            if to_file and in_keyring:
+                return secret, self.keep(secret, to_file=True), "moved"
+            return secret, self.where(in_keyring), "found"
+        secret = secrets.token_urlsafe(32)
+        to_file = to_file or (found is not None and not found[1])
+        return secret, self.keep(secret, to_file=to_file), "rotated" if found else "made"
+
+    def keep(self, secret: str, *, to_file: bool) -> str:
+        """Keep the secret in the keyring (or the file: asked for, or no usable keyring) and
+        remove the other place's, so the agent reads this one; returns where it is kept."""
+        where = self.where(False)
         try:
             if not to_file:
                 passwords.store(KEYRING_USER, secret)
                 self.path.unlink(missing_ok=True)
-                return secret, f'the OS keyring (service "{SERVICE}", username "{KEYRING_USER}")'
+                return self.where(True)
         except NoKeyring:
             where += "; the OS keyring is not usable here"
         except OSError as exc:
@@ -349,4 +739,4 @@ class SecretStore:
         # Best effort: a secret left in the keyring would win over the file.
         with contextlib.suppress(NoKeyring):
             passwords.forget(KEYRING_USER)
-        return secret, where
+        return where

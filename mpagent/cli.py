@@ -10,7 +10,7 @@ ones that print or choose an exit status.
 import os
 import sys
 
-from mpagent.errors import AgentNotRunning, MpagentError
+from mpagent.errors import AgentNotRunning, MpagentError, SecretUnavailable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -123,8 +123,18 @@ def cmd_get(args: "Any") -> int:
 
 
 def get_token(args: "Any") -> dict[str, str]:
-    """The agent's answer to `get`, after printing the warnings it carries to stderr."""
-    fields = ask_agent(args, "get", get_fields(args))
+    """The agent's answer to `get`, after printing the warnings it carries to stderr. A
+    locked profile, at a terminal, is offered an unlock there and then."""
+    try:
+        fields = ask_agent(args, "get", get_fields(args))
+    except SecretUnavailable as exc:
+        if not (exc.details.get("locked") and sys.stdin.isatty() and sys.stderr.isatty()):
+            raise
+        from mpagent import unlock
+
+        if not unlock.offer(args, exc):
+            raise
+        fields = ask_agent(args, "get", get_fields(args))
     for key, value in fields:
         if key == "warning":
             say("warning: " + value)

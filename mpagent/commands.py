@@ -166,6 +166,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print every file and command, change nothing"
     )
 
+    p = command(
+        "unlock",
+        cmd_unlock,
+        "hand the running agent a locked profile's password, checked against its keystore "
+        "(kept in the agent's memory only, like ssh-add)",
+    )
+    p.add_argument(
+        "profiles",
+        nargs="*",
+        metavar="PROFILE",
+        help="the profiles to unlock (default: --all if given, else the chosen profile)",
+    )
+    p.add_argument("--all", action="store_true", help="every profile the agent reports locked")
+    p.add_argument(
+        "--key", action="store_true", help="also ask for the key password (a JKS key with its own)"
+    )
+    p.add_argument(
+        "--stdin", action="store_true", help="read one line per password from stdin, no prompt"
+    )
+    p = command("lock", cmd_lock, "make the agent forget the passwords given by unlock")
+    p.add_argument(
+        "profiles", nargs="*", metavar="PROFILE", help="the profiles to lock (default: all)"
+    )
+
     p = command("secret", cmd_secret, "store passwords in the OS keyring")
     p.add_argument(
         "action",
@@ -212,17 +236,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="name of the new profile (default: from the file name)",
     )
 
-    p = command("bridge", cmd_bridge, "the token bridge for HTTP tools: make its client secret")
-    p.add_argument("action", choices=["secret"], help="make a new client secret and store it")
+    p = command("bridge", cmd_bridge, "the token bridge for HTTP tools: show its client secret")
+    p.add_argument(
+        "action", choices=["secret"], help="print the client secret (made once, if none exists)"
+    )
+    p.add_argument(
+        "--rotate",
+        action="store_true",
+        help="make a new secret instead; a running agent takes it at once, the old one stops "
+        "working",
+    )
     p.add_argument(
         "--file",
         action="store_true",
-        help="keep it in a 0600 file, not the OS keyring (default: the keyring)",
+        help="keep it in a 0600 file, not the OS keyring (default: the keyring, if usable)",
     )
     p = command("postman", cmd_postman, "write a Postman environment and collection for the bridge")
     profile_option(p)
-    p.add_argument(
+    out = p.add_mutually_exclusive_group()
+    out.add_argument(
         "--out", default=".", metavar="DIR", help="where to write (default: the current directory)"
+    )
+    out.add_argument(
+        "--with-secret",
+        action="store_true",
+        help="write no file; print the environment with the bridge secret in it, for newman: "
+        "newman run COLLECTION -e <(mpagent postman --with-secret)",
     )
 
     command("demo", cmd_demo, "show mpagent working against the built-in emulator")
@@ -252,8 +291,11 @@ environment variables:
   MPAGENT_SOCKET             the agent's socket (default: agent.sock in the user runtime dir,
                              $XDG_RUNTIME_DIR/mpagent/ on Linux)
   MPAGENT_NO_AUTOSTART=1     `get` never starts an agent (as --no-start)
-  MPAGENT_KEYSTORE_PASSWORD  the keystore password, when the OS keyring has none
-  MPAGENT_KEY_PASSWORD       the key password, where it differs from the keystore's
+  MPAGENT_KEYSTORE_PASSWORD_<PROFILE>, MPAGENT_KEYSTORE_PASSWORD
+                             the keystore password (beats the OS keyring)
+  MPAGENT_KEY_PASSWORD_<PROFILE>, MPAGENT_KEY_PASSWORD
+                             the key password, where it differs from the keystore's
+  CREDENTIALS_DIRECTORY      systemd credentials <profile>.keystore and <profile>.key
   MPAGENT_LOG_LEVEL          the agent's log level: debug, info, warning, error
                              (default: [agent] log_level)
   `~` in MPAGENT_CONFIG and MPAGENT_SOCKET is your home directory.
@@ -481,6 +523,18 @@ def cmd_service(args: argparse.Namespace) -> int:
     return service.main(args, sys.stdout)
 
 
+def cmd_unlock(args: argparse.Namespace) -> int:
+    from mpagent import unlock
+
+    return unlock.cmd_unlock(args)
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    from mpagent import unlock
+
+    return unlock.cmd_lock(args)
+
+
 def cmd_secret(args: argparse.Namespace) -> int:
     from mpagent import secretcmd
 
@@ -500,27 +554,82 @@ def cmd_import_properties(args: argparse.Namespace) -> int:
 
 
 def cmd_bridge(args: argparse.Namespace) -> int:
-    """`bridge secret`: stdout is the new secret alone, printed this once."""
-    from mpagent import bridge
-
+    """`bridge secret`: stdout is the secret alone; stderr says where it is kept and, for a
+    new one, whether the running agent took it."""
     cfg = load_config(args)
-    secret, where = bridge.SecretStore(cfg.bridge.secret_file).store_new(to_file=args.file)
+    secret = bridge_secret(args, cfg, rotate=args.rotate, to_file=args.file)
     sys.stdout.write(secret + "\n")
-    print(
-        f"mpagent: new bridge secret stored in {where}. Give it to the tool as client_secret "
-        "(client_id: a profile name). A running agent reads it only when it starts: "
-        "`mpagent stop`, then start it again.",
-        file=sys.stderr,
-    )
-    if cfg.bridge.listen is None:
-        print(
-            f'mpagent: the bridge is off; add [bridge] listen = "127.0.0.1:8765" to {cfg.path}',
-            file=sys.stderr,
-        )
     return 0
 
 
+SECRET_NEWS = {
+    "found": "the bridge secret, kept in {where}",
+    "moved": "moved the bridge secret, unchanged, to {where}",
+    "made": "no bridge secret yet: made one, kept in {where}",
+    "rotated": "made a new bridge secret, kept in {where}; tools holding the old one need this",
+}
+
+
+def bridge_secret(
+    args: argparse.Namespace,
+    cfg: Any,
+    *,
+    rotate: bool = False,
+    to_file: bool = False,
+    quiet: bool = False,
+) -> str:
+    """The bridge secret: the current one, else (or with `rotate`) a new one. When it is new
+    or moved, a running agent is asked to take it. Says on stderr where it is kept, and what
+    the agent did (`quiet`: only when something changed)."""
+    from mpagent import bridge
+
+    store = bridge.SecretStore(cfg.bridge.secret_file)
+    secret, where, done = store.obtain(rotate=rotate, to_file=to_file)
+    if quiet and done == "found":
+        return secret
+    say(SECRET_NEWS[done].format(where=where))
+    if cfg.bridge.listen is None:
+        say(f'the bridge is off; add [bridge] listen = "127.0.0.1:8765" to {cfg.path}')
+    elif done != "found":  # the running agent may hold none, the old one, or read elsewhere
+        say(agent_takes(args, cfg.bridge.listen, secret))
+    return secret
+
+
+def agent_takes(args: argparse.Namespace, listen: tuple[str, int], secret: str) -> str:
+    """Has the running agent taken a new secret? It reloads, then its bridge is asked."""
+    from mpagent import bridge
+
+    try:
+        ask_agent(args, "reload", start=False)
+    except AgentNotRunning as exc:
+        if exc.details.get("absent"):
+            return "no agent is running; the next one to start uses it"
+        return f"the running agent has not taken it: {exc}; run `mpagent reload` later"
+    except MpagentError as exc:
+        return f"the running agent has not taken it, its reload failed: {exc}"
+    url = bridge.token_url(listen)
+    try:
+        took = bridge.accepts(listen, secret)
+    except OSError as exc:
+        return (
+            f"the running agent reloaded, but no token bridge answers on {url} "
+            f"({exc.strerror or exc}); it listens where [bridge] said when the agent started: "
+            "`mpagent stop`, then start it again"
+        )
+    if took:
+        return f"the running agent took it: the bridge on {url} accepts it"
+    return (
+        f"the running agent's bridge on {url} still refuses it: the agent cannot read it (its "
+        "log says why; an agent outside your desktop session may have no OS keyring); "
+        "`mpagent bridge secret --file` moves it to a file the agent can read"
+    )
+
+
 def cmd_postman(args: argparse.Namespace) -> int:
+    """The files to import into Postman; with --with-secret instead, the environment with the
+    secret in it on stdout, for newman to read from a pipe: in no argv and no file."""
+    import json
+    import shlex
     from pathlib import Path
 
     from mpagent import bridge, postman
@@ -530,16 +639,41 @@ def cmd_postman(args: argparse.Namespace) -> int:
     if cfg.bridge.listen is None:
         raise ConfigError(
             f"{cfg.path}: the token bridge is off, and Postman gets its tokens from it; add "
-            '[bridge] with listen = "127.0.0.1:8765", restart the agent, run `mpagent bridge secret`'
+            '[bridge] with listen = "127.0.0.1:8765" and restart the agent (`mpagent stop`)'
         )
     url = bridge.token_url(cfg.bridge.listen)
+    # Only for a bridge the running agent serves: whatever else holds the port would get the
+    # secret from Postman or newman (the agent's socket answers only our user: ask it).
+    try:
+        state = json.loads(dict(ask_agent(args, "status", start=False))["json"]).get("bridge")
+    except AgentNotRunning as exc:
+        if not exc.details.get("absent"):
+            raise
+        raise ConfigError(
+            f"no agent is running on {socket_path()}, so no token bridge serves on {url}; start "
+            "one first (`mpagent agent`, or `mpagent get SCOPE` starts one), then run this again"
+        ) from None
+    problem = bridge.not_serving(state, cfg.bridge.listen)
+    if problem:
+        raise ConfigError(f"the token bridge on {url} is not serving, nothing written: {problem}")
     # A profile without scopes: the environment's scope variable is for the user to fill in.
-    documents = postman.documents(profile.name, url, next(iter(profile.scopes), "SCOPE"))
-    for path in postman.write(Path(args.out), documents):
+    scope = next(iter(profile.scopes), "SCOPE")
+    if args.with_secret:
+        secret = bridge_secret(args, cfg, quiet=True)  # newman reads it on every run
+        document = postman.environment(profile.name, url, scope, secret)
+        sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        return 0
+    written = postman.write(Path(args.out), postman.documents(profile.name, url, scope))
+    for path in written:
         print(f"wrote {path}")
+    mpagent = "mpagent" + (f" --config {shlex.quote(args.config)}" if args.config else "")
+    collection = next(p for p in written if p.name.endswith("_collection.json"))
     print(
-        "Import both into Postman, select the environment, and set client_secret (the output of "
-        "`mpagent bridge secret`) and base_url. newman: newman run COLLECTION -e ENVIRONMENT "
-        f'--folder "{postman.SCRIPT_FOLDER}" --env-var client_secret=... --env-var base_url=...'
+        f'Postman: import both, select the environment "mpagent {profile.name}", and set '
+        "client_secret's current value to the output of `mpagent bridge secret` and base_url "
+        "to your API.\nnewman (the secret in no argv and no file):\n"
+        f"  newman run {shlex.quote(str(collection))} "
+        f"-e <({mpagent} postman --profile {shlex.quote(profile.name)} --with-secret) "
+        f'--folder "{postman.SCRIPT_FOLDER}" --env-var base_url=https://api.example.no'
     )
     return 0

@@ -7,6 +7,7 @@ import difflib
 import ipaddress
 import json
 import os
+import shlex
 import tomllib
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit
 
 from mpagent import envfile, paths
 from mpagent.errors import ConfigError
+from mpagent.private import read_regular
 
 ENVIRONMENTS = {"test": "https://test.maskinporten.no/", "prod": "https://maskinporten.no/"}
 ALGORITHMS = ("RS256", "RS384", "RS512")
@@ -32,6 +34,8 @@ PROFILE_KEYS = (
     "kid",
     "algorithm",
     "env_names",
+    "password_command",
+    "key_password_command",
     *OPTIONAL_CLAIMS,
 )
 AGENT_KEYS = ("env_file", "idle_timeout", "log_level")
@@ -54,6 +58,9 @@ class Profile:
     algorithm: str = "RS256"
     claims: Mapping[str, Any] = field(default_factory=dict)
     env_names: Mapping[str, str] = field(default_factory=dict)
+    # argv of a program that prints the password (passwords.py runs it, without a shell)
+    password_command: tuple[str, ...] | None = None
+    key_password_command: tuple[str, ...] | None = None
 
     @property
     def claims_json(self) -> str:
@@ -157,7 +164,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     only that profile unusable (Config.broken)."""
     file = Path(path or paths.config_file()).expanduser()
     try:
-        data = file.read_bytes()
+        data = read_regular(file)
     except FileNotFoundError:
         raise ConfigError(
             f"{file}: no configuration file; create it with a [profiles.NAME] table "
@@ -255,6 +262,29 @@ def _profile(name: str, t: Mapping[str, Any], file: Path) -> Profile:
         algorithm=algorithm,
         claims=_claims(get),
         env_names={scope_string([k]): v for k, v in env_names.items()},
+        password_command=_command(get, "password_command", name),
+        key_password_command=_command(get, "key_password_command", name),
+    )
+
+
+def _command(get: _Getter, key: str, profile: str) -> tuple[str, ...] | None:
+    """An argv list, kept word for word: it is run without a shell, so a single string
+    would be one program name with spaces in it."""
+    value = get.t.get(key)
+    if value is None:
+        return None
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    try:
+        words = shlex.split(value) if isinstance(value, str) else []
+    except ValueError:  # unbalanced quotes: no guess at what was meant
+        words = []
+    example = json.dumps(words or ["pass", "show", f"mpagent/{profile}"])
+    raise get.error(
+        key,
+        f"is {value!r}",
+        f"write the program and its arguments as a list of non-empty strings (run without a "
+        f"shell): {key} = {example}",
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -18,8 +19,9 @@ from cryptography.x509.oid import NameOID
 from mpagent import config as config_module
 from mpagent import errors
 from mpagent.config import ENVIRONMENTS, Profile
+from mpagent.envfile import name_part
 from mpagent.exchange import Exchange, load_key
-from mpagent.issuer import Issuer, hint_for
+from mpagent.issuer import Issuer, endpoints_from, hint_for, other_host
 from mpagent.keys import Passwords, SigningKey, days_left, describe, key_usages
 from mpagent.passwords import ProfilePasswords
 
@@ -37,9 +39,11 @@ _KEY_CHECKS = {"alias_not_found", "trusted_cert_alias", "no_private_key", "sever
 _KEY_CHECKS |= {"wrong_key_password", "not_rsa", "unreadable_key"}
 _MATCH_CHECKS = ("key_certificate_mismatch", "no_certificate", "unreadable_certificate")
 _SECRET_FIX = {  # a fix line of its own for the password failures, as for every other row
-    "wrong_store_password": "mpagent secret set {p}   (or export MPAGENT_KEYSTORE_PASSWORD)",
-    "no_password": "mpagent secret set {p}   (or export MPAGENT_KEYSTORE_PASSWORD)",
-    "wrong_key_password": "mpagent secret set {p} --key   (or export MPAGENT_KEY_PASSWORD)",
+    "wrong_store_password": "mpagent secret set {p}   (or MPAGENT_KEYSTORE_PASSWORD_{P}, "
+    "password_command; see README, Passwords)",
+    "no_password": "mpagent secret set {p}   (or MPAGENT_KEYSTORE_PASSWORD_{P}, password_command, "
+    "or `mpagent unlock {p}` for a running agent)",
+    "wrong_key_password": "mpagent secret set {p} --key   (or MPAGENT_KEY_PASSWORD_{P})",
 }
 
 
@@ -103,7 +107,7 @@ def _keystore_rows(key: SigningKey) -> list[Result]:
 def _keystore_failure(profile: Profile, exc: errors.ConfigError) -> list[Result]:
     check = str(exc.details.get("check", ""))
     row = 1 if check in _KEY_CHECKS else 2 if check in _MATCH_CHECKS else 0
-    fix = _SECRET_FIX.get(check, "").format(p=profile.name)
+    fix = _SECRET_FIX.get(check, "").format(p=profile.name, P=name_part(profile.name))
     rows = [ok(title) for title in KEYSTORE_ROWS[:row]]
     rows.append(failed(KEYSTORE_ROWS[row], str(exc), fix, exc.exit_code))
     why = f"needs '{KEYSTORE_ROWS[row]}'"
@@ -172,17 +176,24 @@ def check_environment(key: SigningKey, environment: str) -> Result:
 
 
 def check_metadata(issuer: Issuer) -> tuple[Result, float | None]:
-    """GET the metadata document; also the clock skew from its Date header."""
+    """GET the metadata document and judge its token endpoint as the agent does (https,
+    no redirect elsewhere), warning when it is on another host; also the clock skew from
+    its Date header."""
     title, url = "metadata reachable", issuer.metadata_url()
     try:
-        body = issuer.metadata()
+        endpoint = endpoints_from(issuer.metadata(), issuer.url, url).token_endpoint
     except errors.IssuerUnavailable as exc:
         fix = "check the network, and that `environment` is a Maskinporten issuer"
         return failed(title, str(exc), fix, exc.exit_code), issuer.skew
-    if "token_endpoint" not in body:
-        detail = f"{url} answered without a token_endpoint"
-        return failed(title, detail, "check `environment`", errors.EX_TEMPFAIL), issuer.skew
-    return ok(title, f"{url}: token endpoint {body['token_endpoint']}"), issuer.skew
+    detail = f"{url}: token endpoint {endpoint}"
+    host = other_host(issuer.url, endpoint)
+    if host is not None:
+        detail += f", on {host}, not on the issuer's host"
+        fix = (
+            f"the signed grants go to {host}: make sure it is your issuer's, else fix `environment`"
+        )
+        return Result(WARN, title, detail, fix), issuer.skew
+    return ok(title, detail), issuer.skew
 
 
 def check_clock(skew: float | None) -> Result:
@@ -219,6 +230,46 @@ def explain(exc: errors.IssuerRejected) -> str:
     return "; ".join(filter(None, steps)) or "check the client's registration with Digdir"
 
 
+def check_bridge(config_path: str | None) -> list[Result]:
+    """With [bridge] listen set: does the running agent serve its bridge there, or, with no
+    agent running, is the port free for one? Whatever else holds it gets the bridge secret
+    from the tools that send it there."""
+    import json
+
+    from mpagent import bridge, client, paths
+
+    try:
+        listen = config_module.load(config_path).bridge.listen
+    except errors.ConfigError:
+        return []  # the config row says why
+    if listen is None:
+        return []
+    title, where = "token bridge", bridge.listen_text(listen)
+    fix = "stop that process, or set [bridge] listen to a free port; then restart the agent"
+    try:
+        status = json.loads(dict(client.call(paths.socket_path(), "status", timeout=5))["json"])
+    except errors.AgentNotRunning as exc:
+        if not exc.details.get("absent"):
+            return [failed(title, str(exc), code=exc.exit_code)]
+        if not bridge.PEER_CHECK:
+            return [skipped(title, f"no agent is running; this system cannot show who has {where}")]
+        taken = bridge.holder(listen)
+        if taken is not None:
+            detail = f"{where} is taken by {bridge.describe(taken)}: no agent can serve there"
+            return [failed(title, detail, fix)]
+        return [ok(title, f"no agent is running; {where} is free for its bridge")]
+    problem = bridge.not_serving(status.get("bridge"), listen)
+    if problem:
+        return [failed(title, problem, fix)]
+    state = status["bridge"]
+    detail = f"served on {state['url']}; peer check: {state['peer_check']}"
+    if not bridge.PEER_CHECK:
+        return [
+            Result(WARN, title, detail, "other local users reach it: only the secret guards it")
+        ]
+    return [ok(title, detail)]
+
+
 # -- running and rendering
 
 
@@ -227,7 +278,9 @@ def run(config_path: str | None, profile_name: str | None, no_token: bool = Fals
     if profile is None:
         later = (*KEYSTORE_ROWS, *CERTIFICATE_ROWS, "metadata reachable", "clock", "token request")
         return [result, *(skipped(title, "needs a valid configuration") for title in later)]
-    rows, key = check_keystore(profile, ProfilePasswords(profile.name))
+    rows, key = check_keystore(
+        profile, ProfilePasswords.for_profile(profile, interactive=sys.stdin.isatty())
+    )
     results = [result, *rows, *_certificate_checks(profile, key)]
     http = cfg.http
     issuer = Issuer(
@@ -258,6 +311,9 @@ def _certificate_checks(profile: Profile, key: SigningKey | None) -> list[Result
 
 
 def render(results: Sequence[Result]) -> str:
+    """One line per check; text from outside (an issuer's error_description) is escaped."""
+    from mpagent.cli import printable
+
     lines = []
     for r in results:
         detail = f"skipped ({r.detail})" if r.status == SKIP else r.detail
@@ -265,6 +321,7 @@ def render(results: Sequence[Result]) -> str:
         if r.fix and r.status in (FAIL, WARN):
             lines.append(f"    fix: {r.fix}")
     n = {s: sum(r.status == s for r in results) for s in SYMBOLS}
+    lines = [printable(line) for line in lines]
     lines.append(f"\n{n[OK]} ok, {n[WARN]} warnings, {n[FAIL]} failed, {n[SKIP]} skipped")
     return "\n".join(lines) + "\n"
 
@@ -277,5 +334,6 @@ def main(args: Any, out: TextIO) -> int:
     from mpagent.cli import profile_name
 
     results = run(args.config, profile_name(args), args.no_token)
+    results += check_bridge(args.config)
     out.write(render(results))
     return exit_status(results)

@@ -46,6 +46,22 @@ def render(tokens: Iterable[tuple[str, str, float]]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def unexpired(content: str, now: float) -> str:
+    """An env file without the tokens that have expired by `now` (each NAME goes with its
+    NAME_EXPIRES_AT); lines it does not know are kept."""
+    lines = content.splitlines()
+    values = dict(line.split("=", 1) for line in lines if "=" in line and line[:1] != "#")
+    expired = {
+        name.removesuffix("_EXPIRES_AT")
+        for name, value in values.items()
+        if name.endswith("_EXPIRES_AT") and (not value.isdigit() or int(value) <= now)
+    }
+    kept = [
+        line for line in lines if line.split("=", 1)[0].removesuffix("_EXPIRES_AT") not in expired
+    ]
+    return "".join(line + "\n" for line in kept)
+
+
 def write_atomic(path: Path, content: str) -> None:
     """Readers see the old file or the new one, never a partial one; mode 0600 from the
     moment the temp file exists, whatever the umask or the old file's mode."""

@@ -1,12 +1,13 @@
 """One profile's path from key material to access token: load the key, sign, exchange.
 
-Shared by `mpagent get --no-agent` and the agent's refresher. Blocking (keyring, disk, HTTP):
-the agent runs it in worker threads.
+Shared by `mpagent get --no-agent` and the agent's refresher. Blocking (keyring, password
+command, disk, HTTP): the agent runs it in worker threads.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -79,18 +80,26 @@ def may_be_the_certificate(exc: IssuerRejected) -> bool:
 def load_key(
     profile: Profile, passwords: Passwords | None = None, *, strict: bool = True
 ) -> SigningKey:
+    """The profile's signing key. Without `passwords`, they come from the profile's usual
+    sources, with a prompt only in the foreground on a terminal."""
+    if passwords is None:
+        passwords = ProfilePasswords.for_profile(profile, interactive=sys.stdin.isatty())
     try:
         return load_signing_key(
             profile.keystore,
             keystore_type=profile.keystore_type,
             alias=profile.alias,
             certificate=profile.certificate,
-            passwords=passwords or ProfilePasswords(profile.name),
+            passwords=passwords,
             x5c_mode=profile.kid is None,
             strict=strict,
         )
     except MpagentError as exc:
-        # keys.py knows files, not profiles: name the profile in its "how to fix" hints.
+        # keys.py knows files, not profiles: a password error says again which source it
+        # used, and the other hints name the profile.
+        explained = passwords.explain(exc) if isinstance(passwords, ProfilePasswords) else None
+        if explained is not None:
+            raise explained from exc
         if "<profile>" not in exc.message:
             raise
         raise type(exc)(exc.message.replace("<profile>", profile.name), **exc.details) from exc

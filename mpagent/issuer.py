@@ -1,26 +1,37 @@
 """Talking to Maskinporten: metadata discovery, the token request, and error classification.
 
 The only module that imports requests. 4xx answers become IssuerRejected (never retried);
-timeouts, connection errors, 5xx, 429 and bodies that are not the expected JSON become
-IssuerUnavailable (retried with backoff by the agent).
+timeouts, connection errors, 5xx, 429, redirects and bodies that are not the expected JSON
+become IssuerUnavailable (retried with backoff by the agent).
+
+An issuer is not trusted with more than its answers: the signed grant goes only to an https
+token endpoint (plain http only between loopback hosts, for the emulator) and never follows a
+redirect; each request has a total deadline and a size limit, however slowly it is answered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import functools
+import json
 import logging
+import math
 import re
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import requests
+import requests.adapters
+import urllib3.exceptions
 
-from mpagent.config import ENVIRONMENTS
+from mpagent.config import ENVIRONMENTS, is_loopback
 from mpagent.errors import IssuerRejected, IssuerUnavailable
 
 log = logging.getLogger(__name__)
@@ -32,6 +43,12 @@ SKEW_WARNING = 5.0  # Maskinporten allows 10 s; warn at half of that.
 SKEW_ALLOWED = 10.0
 # Environments whose clock skew has been logged: once per process, not once per response.
 _skew_warned: set[str] = set()
+# A token answer is under 2 KiB, the metadata under 4 KiB: more is not Maskinporten.
+MAX_ANSWER = 64 * 1024
+# Production lifetimes are 120 s to a few hours (MASKINPORTEN.md §7); a longer one is a
+# broken or hostile issuer, and a token kept that long outlives any revocation.
+MAX_LIFETIME = 86_400
+METADATA_REDIRECTS = 3
 _MP_CODE = re.compile(r"(MP-\d+)")
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
@@ -63,6 +80,20 @@ def fingerprint(secret: str) -> str:
     return f"…{secret[-4:]}({len(secret)})"
 
 
+@dataclass(frozen=True)
+class Answer:
+    """One HTTP answer, read whole within its request's deadline."""
+
+    url: str
+    status: int
+    reason: str
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)  # ValueError if it is not JSON
+
+
 class Issuer:
     """One HTTP session towards one Maskinporten environment."""
 
@@ -76,11 +107,21 @@ class Issuer:
     ) -> None:
         self.environment = environment
         self.timeout = (connect_timeout, read_timeout)
+        # Per-read timeouts cannot bound a request whose answer comes a byte at a time:
+        # each byte restarts them. A whole request may take one connect and one read.
+        self.deadline = connect_timeout + read_timeout
         self.clock = clock
         self.session = requests.Session()
         self.session.headers["User-Agent"] = "mpagent"
+        for prefix in ("https://", "http://"):
+            self.session.mount(prefix, _DeadlineAdapter())
         self.skew: float | None = None  # issuer clock minus ours, from the last Date header
         self._endpoints: Endpoints | None = None
+
+    @property
+    def url(self) -> str:
+        """The issuer's URL, as configured (`test` and `prod` spelled out)."""
+        return ENVIRONMENTS.get(self.environment, self.environment)
 
     def endpoints(self) -> Endpoints:
         if self._endpoints is None:
@@ -88,67 +129,98 @@ class Issuer:
         return self._endpoints
 
     def metadata_url(self) -> str:
-        return (
-            ENVIRONMENTS.get(self.environment, self.environment).rstrip("/") + "/" + METADATA_PATH
-        )
+        return self.url.rstrip("/") + "/" + METADATA_PATH
 
     def metadata(self) -> dict[str, Any]:
         """The RFC 8414 metadata document; also notes the clock skew from its Date header."""
-        url = self.metadata_url()
         sent_at = self.clock()
-        response = self._send("GET", url)
-        self._note_skew(response, sent_at)
-        return self._json(response, url)
+        answer = self._get_metadata(self.metadata_url())
+        self._note_skew(answer, sent_at)
+        return self._json(answer)
+
+    def _get_metadata(self, url: str) -> Answer:
+        """GET the metadata, following a redirect only within the issuer's own origin: the
+        document says where the grants go, so no other host may answer it. (Maskinporten
+        answers the RFC 8414 URL directly; a same-origin redirect changes no trust.)"""
+        for _ in range(METADATA_REDIRECTS + 1):
+            answer = self._send("GET", url)
+            target = redirect_target(answer)
+            if target is None:
+                return answer
+            if _origin(target) != _origin(url):
+                raise IssuerUnavailable(
+                    f"{redirected(answer, target)}; mpagent follows a redirect of the metadata "
+                    "only within the issuer's origin (the metadata says where the grants go); "
+                    "check `environment`"
+                )
+            url = target
+        raise IssuerUnavailable(
+            f"{url} redirects more than {METADATA_REDIRECTS} times; check `environment`"
+        )
 
     def _discover(self) -> Endpoints:
         if self.environment in ENVIRONMENTS:  # known: no request needed
             base = ENVIRONMENTS[self.environment]
             return Endpoints(issuer=base, token_endpoint=base + "token")
-        url = self.metadata_url()
-        body = self.metadata()
-        issuer, endpoint = body.get("issuer"), body.get("token_endpoint")
-        if not isinstance(issuer, str) or not isinstance(endpoint, str):
-            raise IssuerUnavailable(
-                f"metadata at {url} lacks issuer or token_endpoint; is {self.environment} a Maskinporten issuer?"
-            )
-        return Endpoints(issuer=issuer, token_endpoint=endpoint)
+        return endpoints_from(self.metadata(), self.url, self.metadata_url())
 
     def request_token(self, assertion: str) -> Token:
         endpoint = self.endpoints().token_endpoint
         requested_at = self.clock()
-        response = self._send(
+        answer = self._send(
             "POST", endpoint, data={"grant_type": JWT_BEARER, "assertion": assertion}
         )
-        self._note_skew(response, requested_at)
-        if 400 <= response.status_code < 500 and response.status_code != 429:
-            raise rejection(response, self.skew)
-        body = self._json(response, endpoint)
+        self._note_skew(answer, requested_at)
+        target = redirect_target(answer)
+        if target is not None:
+            raise IssuerUnavailable(
+                f"{redirected(answer, target)}; mpagent does not follow redirects of the token "
+                "request (that would send the signed grant there); behind a captive portal "
+                "(guest Wi-Fi), log in to it, else check `environment`"
+            )
+        if 400 <= answer.status < 500 and answer.status != 429:
+            raise rejection(answer, self.skew)
+        body = self._json(answer)
         return parse_token(body, requested_at, endpoint)
 
-    def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+    def _send(self, method: str, url: str, **kwargs: Any) -> Answer:
+        """One request, its answer read whole within the deadline and MAX_ANSWER bytes; a
+        redirect is returned, never followed."""
+        deadline = Deadline(self.deadline)
         try:
-            response = self.session.request(method, url, timeout=self.timeout, **kwargs)
+            with deadline:
+                response = self.session.request(
+                    method, url, timeout=self.timeout, allow_redirects=False, stream=True, **kwargs
+                )
+                with response:
+                    if response.status_code == 429 or response.status_code >= 500:
+                        raise IssuerUnavailable(
+                            f"{url} answered HTTP {response.status_code}; Maskinporten is "
+                            "failing, will retry"
+                        )
+                    body = _read_limited(response, url)
         except requests.RequestException as exc:
+            if deadline.expired:
+                raise IssuerUnavailable(
+                    f"{url} did not send its whole answer within {self.deadline:g} s "
+                    "(connect_timeout + read_timeout); try again, or raise [http] read_timeout"
+                ) from exc
             raise IssuerUnavailable(unreachable(exc, url, self.timeout)) from exc
-        if response.status_code == 429 or response.status_code >= 500:
-            raise IssuerUnavailable(
-                f"{url} answered HTTP {response.status_code}; Maskinporten is failing, will retry"
-            )
-        return response
+        return Answer(url, response.status_code, response.reason or "", response.headers, body)
 
-    def _json(self, response: requests.Response, url: str) -> dict[str, Any]:
+    def _json(self, answer: Answer) -> dict[str, Any]:
         try:
-            body = response.json()
+            body = answer.json()
         except ValueError:
             body = None
         if not isinstance(body, dict):
             raise IssuerUnavailable(
-                f"{url} answered HTTP {response.status_code} with a body that is not a JSON object"
+                f"{answer.url} answered HTTP {answer.status} with a body that is not a JSON object"
             )
         return body
 
-    def _note_skew(self, response: requests.Response, sent_at: float) -> None:
-        skew = skew_from_date(response.headers.get("Date"), sent_at, self.clock())
+    def _note_skew(self, answer: Answer, sent_at: float) -> None:
+        skew = skew_from_date(answer.headers.get("Date"), sent_at, self.clock())
         if skew is None:
             return
         self.skew = skew
@@ -157,6 +229,176 @@ class Issuer:
         elif self.environment not in _skew_warned:
             _skew_warned.add(self.environment)
             log.warning("%s (it allows %g s)", clock_hint(skew), SKEW_ALLOWED)
+
+
+def _read_limited(response: requests.Response, url: str) -> bytes:
+    too_big = IssuerUnavailable(
+        f"{url} answered with more than {MAX_ANSWER // 1024} KiB (Maskinporten's answers are "
+        "a few KiB); check `environment`"
+    )
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > MAX_ANSWER:
+        raise too_big
+    body = bytearray()
+    for chunk in response.iter_content(16 * 1024):
+        body += chunk
+        if len(body) > MAX_ANSWER:
+            raise too_big
+    return bytes(body)
+
+
+# -- where the grant may go ------------------------------------------------------------------
+
+
+def endpoints_from(document: dict[str, Any], environment: str, url: str) -> Endpoints:
+    """The endpoints a metadata document (fetched from `url`) names, if the grant may go
+    to its token endpoint."""
+    issuer, endpoint = document.get("issuer"), document.get("token_endpoint")
+    if not isinstance(issuer, str) or not isinstance(endpoint, str):
+        raise IssuerUnavailable(
+            f"metadata at {url} lacks issuer or token_endpoint; is {environment} a Maskinporten issuer?"
+        )
+    problem = token_endpoint_problem(environment, endpoint)
+    if problem:
+        raise IssuerUnavailable(
+            f"metadata at {url} names the token endpoint {endpoint}, which is {problem}; "
+            "check `environment`"
+        )
+    return Endpoints(issuer=issuer, token_endpoint=endpoint)
+
+
+def token_endpoint_problem(environment: str, endpoint: str) -> str | None:
+    """Why the signed grant must not be sent to `endpoint` (None: it may). It must be https;
+    plain http only from an issuer that is itself a loopback http URL (the emulator) to a
+    loopback host, where nobody can read or change it on the way."""
+    issuer, target = urllib.parse.urlsplit(environment), urllib.parse.urlsplit(endpoint)
+    if not target.hostname:
+        return "not a URL with a host"
+    if target.scheme == "https":
+        return None
+    local = issuer.scheme == "http" and is_loopback(issuer.hostname or "")
+    if target.scheme == "http" and local and is_loopback(target.hostname):
+        return None
+    return (
+        "not https: the signed grant goes over https only (plain http only between loopback hosts)"
+    )
+
+
+def other_host(environment: str, endpoint: str) -> str | None:
+    """The token endpoint's host when it is not the issuer's (doctor warns), else None."""
+    host = urllib.parse.urlsplit(endpoint).hostname
+    return host if host != urllib.parse.urlsplit(environment).hostname else None
+
+
+def redirect_target(answer: Answer) -> str | None:
+    """Where a 3xx answer points ("" without a Location), None for any other answer."""
+    if not 300 <= answer.status < 400:
+        return None
+    location = answer.headers.get("Location")
+    return urllib.parse.urljoin(answer.url, location) if location else ""
+
+
+def redirected(answer: Answer, target: str) -> str:
+    where = _origin(target) or "nowhere (no Location header)"
+    return f"{answer.url} answered HTTP {answer.status}, a redirect to {where}"
+
+
+def _origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
+
+
+# -- the total deadline ----------------------------------------------------------------------
+
+_current = threading.local()  # the Deadline of the request this thread is making
+
+
+class Deadline:
+    """Ends one request (connection, TLS handshake, headers and body) after `seconds`,
+    however slowly the server sends: at the deadline a timer shuts the request's socket
+    down, which wakes the read blocked on it. Used as a context manager around the request
+    on the thread that makes it; the session's connections report their sockets to it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> Deadline:
+        _current.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        _current.deadline = None
+        with self._lock:
+            self._sock = None  # kept alive in the pool, it is no longer ours to end
+
+    def watch(self, sock: socket.socket | None) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.expired:
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            _shut(self._sock)
+
+
+def _shut(sock: socket.socket | None) -> None:
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            # socket.socket's own shutdown, also for an SSLSocket: the TLS layer is not
+            # thread-safe, the file descriptor is.
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def _watch(sock: socket.socket | None) -> None:
+    deadline: Deadline | None = getattr(_current, "deadline", None)
+    if deadline is not None:
+        deadline.watch(sock)
+
+
+class _DeadlineAdapter(requests.adapters.HTTPAdapter):
+    """Gives every connection pool it uses (direct, through a proxy, SOCKS) a connection
+    class that reports its socket to the current Deadline."""
+
+    def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> Any:
+        return _watched(super().get_connection_with_tls_context(*args, **kwargs))
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:  # requests < 2.32.2 uses it
+        return _watched(super().get_connection(*args, **kwargs))
+
+
+def _watched(pool: Any) -> Any:
+    if not getattr(pool.ConnectionCls, "reports_to_deadline", False):
+        pool.ConnectionCls = _watched_class(pool.ConnectionCls)
+    return pool
+
+
+@functools.cache
+def _watched_class(base: Any) -> Any:
+    """`base` (a urllib3 connection class) reporting its socket when it is made (so the
+    handshake is covered) and whenever it waits for an answer (a reused connection)."""
+
+    class Watched(base):
+        reports_to_deadline = True
+
+        def _new_conn(self) -> Any:
+            sock = super()._new_conn()
+            _watch(sock)
+            return sock
+
+        def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+            _watch(self.sock)
+            return super().getresponse(*args, **kwargs)
+
+    Watched.__name__ = Watched.__qualname__ = f"Watched{base.__name__}"
+    return Watched
 
 
 def clock_hint(skew: float) -> str:
@@ -179,7 +421,8 @@ def unreachable(exc: requests.RequestException, url: str, timeout: tuple[float, 
             f"cannot reach {url}: connecting to {host}:{port} timed out after {timeout[0]:g} s; "
             "check the network, or raise [http] connect_timeout"
         )
-    if isinstance(exc, requests.Timeout):
+    # A read that times out in the body comes wrapped in a ConnectionError.
+    if isinstance(exc, requests.Timeout) or _first(causes, urllib3.exceptions.ReadTimeoutError):
         return (
             f"{url} did not answer: timed out after {timeout[1]:g} s; "
             "try again, or raise [http] read_timeout"
@@ -249,30 +492,51 @@ def parse_token(body: dict[str, Any], requested_at: float, url: str) -> Token:
     if not _B64TOKEN.fullmatch(access_token):
         # RFC 6750 b64token: anything else could break the socket protocol or the env file.
         raise IssuerUnavailable(f"{url} answered with an access_token that is not a bearer token")
-    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
-        raise IssuerUnavailable(
-            f"{url} answered with expires_in = {expires_in!r}, not a positive number"
-        )
     return Token(
         access_token=access_token,
         token_type=str(body.get("token_type") or "Bearer"),
         scope=str(body.get("scope") or ""),
         requested_at=requested_at,
-        expires_at=requested_at + float(expires_in),
+        expires_at=requested_at + lifetime(expires_in, url),
     )
 
 
-def rejection(response: requests.Response, skew: float | None = None) -> IssuerRejected:
+def lifetime(expires_in: object, url: str) -> float:
+    """`expires_in` in seconds: a positive finite number (JSON allows 1e400, which is
+    infinite, and Python's parser NaN and Infinity), at most MAX_LIFETIME."""
+    number = expires_in if isinstance(expires_in, int | float) else None
+    if isinstance(expires_in, bool) or number is None or not number > 0 or not _finite(number):
+        shown = repr(expires_in)
+        shown = shown if len(shown) <= 24 else shown[:20] + "…"
+        raise IssuerUnavailable(
+            f"{url} answered with expires_in = {shown}, not a positive finite number of "
+            "seconds; the issuer is broken, will retry"
+        )
+    if number > MAX_LIFETIME:
+        log.warning(
+            "%s answered with expires_in of more than a day; the token is used for %d s only",
+            url,
+            MAX_LIFETIME,
+        )
+        return float(MAX_LIFETIME)
+    return float(number)
+
+
+def _finite(number: float) -> bool:
+    return isinstance(number, int) or math.isfinite(number)  # an int of 400 digits is finite
+
+
+def rejection(answer: Answer, skew: float | None = None) -> IssuerRejected:
     """Maskinporten's error JSON as an IssuerRejected, its description shown verbatim; `skew`
     (from the Date header) says how far off the clock is when that is the likely cause."""
     try:
-        body = response.json()
+        body = answer.json()
     except ValueError:
         body = {}
     if not isinstance(body, dict):
         body = {}
-    error = str(body.get("error") or f"http_{response.status_code}")
-    description = str(body.get("error_description") or response.reason or "no description")
+    error = str(body.get("error") or f"http_{answer.status}")
+    description = str(body.get("error_description") or answer.reason or "no description")
     found = _MP_CODE.search(str(body.get("error_uri") or "")) or _MP_CODE.search(description)
     mp_code = found.group(1) if found else None
     code = f" [{mp_code}]" if mp_code else ""
@@ -283,7 +547,7 @@ def rejection(response: requests.Response, skew: float | None = None) -> IssuerR
         error=error,
         error_description=description,
         mp_code=mp_code,
-        status=response.status_code,
+        status=answer.status,
     )
 
 

@@ -29,11 +29,16 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
 from mpagent.errors import KeystoreError, SecretUnavailable
+from mpagent.private import read_regular
 
 _TYPES = {"jks": "jks", "jceks": "jks", "pkcs12": "pkcs12", "p12": "pkcs12", "pfx": "pkcs12"}
 _TYPES |= {"pem": "pem", "jwk": "jwk"}
 _DER = serialization.Encoding.DER
-_HOW_TO_SET_STORE_PW = "MPAGENT_KEYSTORE_PASSWORD or `mpagent secret set <profile>`"
+# mpagent.exchange replaces these hints with the profile's own (passwords.ProfilePasswords.explain).
+_HOW_TO_SET_STORE_PW = (
+    "MPAGENT_KEYSTORE_PASSWORD_<PROFILE> (or MPAGENT_KEYSTORE_PASSWORD), password_command,"
+    " `mpagent secret set <profile>` or `mpagent unlock <profile>`"
+)
 
 # check -> message after "<file>: ". {shown} is the `aliases` detail, quoted and joined.
 MESSAGES = {
@@ -47,7 +52,8 @@ MESSAGES = {
     + _HOW_TO_SET_STORE_PW,
     "wrong_key_password": "the key password of entry {alias!r} is wrong (keytool keystores often"
     " protect a key with a password other than the store password): set the key password via"
-    " MPAGENT_KEY_PASSWORD or `mpagent secret set <profile> --key`",
+    " MPAGENT_KEY_PASSWORD_<PROFILE> (or MPAGENT_KEY_PASSWORD), key_password_command,"
+    " `mpagent secret set <profile> --key` or `mpagent unlock <profile> --key`",
     "alias_not_found": "no entry with alias {alias!r}; the aliases holding private keys are:"
     " {shown}. Set `alias` to one of them",
     "trusted_cert_alias": "alias {alias!r} is a trusted certificate without a private key; set"
@@ -103,6 +109,9 @@ class Problem:
 
 
 class Passwords(Protocol):
+    """Asked only for encrypted material. `key()` is asked only when the keystore password
+    did not open a JKS key (the key has a password of its own)."""
+
     def keystore(self) -> str | None: ...
 
     def key(self) -> str | None: ...
@@ -228,7 +237,7 @@ def _need(path: Path, password: str | None) -> str:
 
 def _read(path: Path, setting: str) -> bytes:
     try:
-        return path.read_bytes()
+        return read_regular(path)
     except FileNotFoundError:
         raise _fail(path, "file_missing", setting=setting) from None
     except OSError as exc:

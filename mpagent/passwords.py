@@ -1,8 +1,18 @@
-"""Password lookup for one profile: the OS keyring, then the environment, then a prompt.
+"""Where a profile's passwords come from. For each password, the first source that has
+one wins (`source()` names it, `described()` says it in a message):
 
-Passwords are never read from config.toml, never logged and never put in a message.
-The keyring may block (a locked collection, a slow D-Bus), so the agent calls this only
-from a worker thread.
+1. "unlock": given by `mpagent unlock`, held in the agent's memory only;
+2. "env": MPAGENT_KEYSTORE_PASSWORD_<PROFILE>, then MPAGENT_KEYSTORE_PASSWORD: an explicit
+   variable beats a stored secret, as everywhere else in the ecosystem;
+3. "command": the profile's password_command (an argv list, no shell, first line of stdout);
+4. "credential": the systemd credential $CREDENTIALS_DIRECTORY/<profile>.keystore;
+5. "keyring": the OS keyring (`mpagent secret set`);
+6. "prompt": a hidden prompt, only for a command in the foreground on a terminal.
+
+The key password of a JKS key with its own comes the same way (MPAGENT_KEY_PASSWORD_<PROFILE>,
+key_password_command, <profile>.key) and otherwise is the keystore password.
+Passwords are never read from config.toml, never logged and never put in a message. The
+keyring and the command may block, so the agent calls this only from a worker thread.
 """
 
 from __future__ import annotations
@@ -10,24 +20,57 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
+import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from mpagent.errors import SecretUnavailable
+from mpagent.envfile import name_part
+from mpagent.errors import MpagentError, SecretUnavailable
+from mpagent.private import read_regular
+
+if TYPE_CHECKING:
+    from mpagent.config import Profile
 
 SERVICE = "mpagent"
 KEYSTORE_ENV = "MPAGENT_KEYSTORE_PASSWORD"
 KEY_ENV = "MPAGENT_KEY_PASSWORD"
+ENV = {"keystore": KEYSTORE_ENV, "key": KEY_ENV}
+COMMAND_SETTINGS = {"keystore": "password_command", "key": "key_password_command"}
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
+COMMAND_TIMEOUT = 10.0
+SOURCES = ("unlock", "env", "command", "credential", "keyring", "prompt")
 
 NO_KEYRING_HINT = (
-    f"Without a keyring, set {KEYSTORE_ENV} (and {KEY_ENV} if the key has its own password) "
-    "in the environment of the agent or of `mpagent get --no-agent`"
+    f"Without a keyring, a profile's password can come from {KEYSTORE_ENV}_<PROFILE> (or "
+    f"{KEYSTORE_ENV}; {KEY_ENV}_<PROFILE> for a key with its own password) in the environment "
+    "of the agent or of `mpagent get --no-agent`, from password_command in the profile, from "
+    "a systemd credential, or from `mpagent unlock PROFILE`"
 )
 
-_UNSET = object()
-
 log = logging.getLogger(__name__)
+
+
+def env_names(profile: str, which: str) -> tuple[str, ...]:
+    """The variables that hold a profile's `which` password, the per-profile one first."""
+    part = name_part(profile)
+    return (f"{ENV[which]}_{part}", ENV[which]) if part else (ENV[which],)
+
+
+def alternatives(profile: str) -> str:
+    """The sources other than the keyring, for this profile, as a sentence for a message."""
+    store, key = env_names(profile, "keystore"), env_names(profile, "key")
+    return (
+        f"Without a keyring, profile {profile}'s keystore password can come from {store[0]} "
+        f"(or {store[-1]}) in the environment of the agent or of `mpagent get --no-agent`; "
+        f'from password_command = ["pass", "show", "mpagent/{profile}"] (any program that '
+        f"prints it) in [profiles.{profile}]; from the systemd credential {profile}.keystore "
+        f"(`mpagent service install --dry-run` shows how); or from `mpagent unlock {profile}`, "
+        "which hands it to the running agent. A JKS key with a password of its own: "
+        f"{key[0]}, key_password_command, {profile}.key, `mpagent unlock {profile} --key`"
+    )
 
 
 def keyring_username(profile: str, which: str) -> str:
@@ -118,9 +161,12 @@ def _keyring_boundary(action: str) -> Iterator[None]:
     try:
         yield
     except _failures() as exc:  # evaluated only once something was raised
+        reason = _reason(exc)
         raise SecretUnavailable(
-            f"cannot {action} passwords in the OS keyring: {_reason(exc)}. {NO_KEYRING_HINT}",
+            f"cannot {action} passwords in the OS keyring: {reason}. {NO_KEYRING_HINT}",
             check="no_keyring",
+            action=action,
+            reason=reason,
         ) from exc
 
 
@@ -159,7 +205,8 @@ def _reason(exc: BaseException) -> str:
 
 
 class ProfilePasswords:
-    """Implements keys.Passwords. Each password is looked up once and then remembered."""
+    """Implements keys.Passwords for one profile. Each password is looked up once, in the
+    order of the module docstring, and then remembered with where it came from."""
 
     def __init__(
         self,
@@ -168,27 +215,240 @@ class ProfilePasswords:
         env: Mapping[str, str] | None = None,
         lookup: Callable[[str, str], str | None] = keyring_get,
         interactive: bool | None = None,
+        unlocked: Mapping[str, str] | None = None,
+        commands: Mapping[str, Sequence[str] | None] | None = None,
     ) -> None:
         self.profile = profile
         self._env = os.environ if env is None else env
         self._lookup = lookup
         self._interactive = sys.stdin.isatty() if interactive is None else interactive
-        self._cache: dict[str, object] = {}
+        self._unlocked = unlocked or {}
+        self._commands = commands or {}
+        self._found: dict[str, tuple[str | None, str, str]] = {}  # which: (value, source, named)
+        self._failed: dict[str, MpagentError] = {}
+
+    @classmethod
+    def for_profile(
+        cls,
+        profile: Profile,
+        *,
+        unlocked: Mapping[str, str] | None = None,
+        interactive: bool = False,
+    ) -> ProfilePasswords:
+        """`unlocked`: "keystore"/"key" passwords that `mpagent unlock` gave the agent."""
+        commands = {"keystore": profile.password_command, "key": profile.key_password_command}
+        return cls(profile.name, unlocked=unlocked, interactive=interactive, commands=commands)
 
     def keystore(self) -> str | None:
-        return self._get("keystore", KEYSTORE_ENV, prompt=True)
+        return self._get("keystore")
 
     def key(self) -> str | None:
-        """The key password defaults to the keystore password."""
-        return self._get("key", KEY_ENV, prompt=False) or self.keystore()
+        """Asked only once the keystore password failed to open the key (a JKS key with a
+        password of its own), so at a terminal it prompts; else the keystore password."""
+        own = self._get("key")
+        return own if own is not None else self.keystore()
 
-    def _get(self, which: str, env_name: str, *, prompt: bool) -> str | None:
-        cached = self._cache.get(which, _UNSET)
-        if cached is _UNSET:
-            cached = self._lookup(self.profile, which) or self._env.get(env_name) or None
-            if cached is None and prompt and self._interactive:
-                import getpass
+    def source(self, which: str) -> str | None:
+        """Where the `which` password came from, one of SOURCES; None before it was looked
+        up, when no source had it, and for a key password that is the keystore password."""
+        found = self._found.get(which)
+        return found[1] if found and found[0] is not None else None
 
-                cached = getpass.getpass(f"mpagent: {which} password for profile {self.profile}: ")
-            self._cache[which] = cached
-        return cached if isinstance(cached, str) else None
+    def described(self, which: str) -> str:
+        """The source for a message: "MPAGENT_KEYSTORE_PASSWORD_<PROFILE>", "the OS keyring"."""
+        found = self._found.get(which)
+        if found and found[0] is not None:
+            return found[2]
+        if which == "key" and self.source("keystore"):
+            return f"the keystore password (from {self.described('keystore')})"
+        return "no source"
+
+    def _get(self, which: str) -> str | None:
+        if which in self._failed:
+            raise self._failed[which].again()
+        if which not in self._found:
+            try:
+                self._found[which] = self._find(which)
+            except MpagentError as exc:
+                self._failed[which] = exc
+                raise
+        return self._found[which][0]
+
+    def _find(self, which: str) -> tuple[str | None, str, str]:
+        if value := self._unlocked.get(which):
+            return value, "unlock", "`mpagent unlock`"
+        for name in env_names(self.profile, which):
+            if value := self._env.get(name):
+                return value, "env", name
+        argv = self._commands.get(which)
+        if argv:
+            setting = COMMAND_SETTINGS[which]
+            value = run_command(self.profile, setting, argv, self._command_env())
+            return value, "command", f"{setting} `{shlex.join(argv)}`"
+        if (value := self._credential(which)) is not None:
+            return value, "credential", f"the systemd credential {self.profile}.{which}"
+        if value := self._lookup(self.profile, which):
+            return value, "keyring", "the OS keyring"
+        if self._interactive:
+            return self._prompt(which), "prompt", "the prompt"
+        return None, "", "no source"
+
+    def _command_env(self) -> Mapping[str, str] | None:
+        return None if self._env is os.environ else dict(self._env)
+
+    def _credential(self, which: str) -> str | None:
+        """$CREDENTIALS_DIRECTORY/<profile>.<which>, without one trailing newline (an
+        encrypted credential made from `echo`ed or typed input has one)."""
+        directory = self._env.get(CREDENTIALS_ENV)
+        if not directory:
+            return None
+        path = Path(directory, f"{self.profile}.{which}")
+        named = f"profile {self.profile}: the systemd credential {path}"
+        try:
+            text = read_regular(path).decode("utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise SecretUnavailable(f"{named} cannot be read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise SecretUnavailable(f"{named} is not UTF-8 text; encrypt it again") from None
+        value = text.removesuffix("\r\n") if text.endswith("\r\n") else text.removesuffix("\n")
+        if not value:
+            raise SecretUnavailable(f"{named} is empty; encrypt the password into it again")
+        return value
+
+    def _prompt(self, which: str) -> str | None:
+        import getpass
+
+        why = " (its key has a password of its own)" if which == "key" else ""
+        try:
+            answer = getpass.getpass(f"mpagent: {which} password for profile {self.profile}{why}: ")
+        except EOFError:
+            return None
+        return answer or None
+
+    # -- messages about a wrong or missing password ------------------------------------
+
+    def explain(self, exc: MpagentError) -> MpagentError | None:
+        """keys.py's password errors again, naming the source used and the profile's ways
+        to fix it; None for any other error."""
+        check, path = exc.details.get("check"), exc.details.get("source", "the keystore")
+        if check == "no_password":
+            return type(exc)(f"{path}: {self.locked_message()}", **{**exc.details, "locked": True})
+        if check == "wrong_store_password":
+            which = "keystore"
+            problem = (
+                f"the keystore password from {self.described(which)} is wrong; {self._fix(which)}"
+            )
+        elif check == "wrong_key_password":
+            which, problem = "key", self._key_problem(exc.details.get("alias"))
+        else:
+            return None
+        details = {**exc.details, "password_source": self.source(which)}
+        return type(exc)(f"{path}: {problem}", **details)
+
+    def _key_problem(self, alias: str | None) -> str:
+        p = self.profile
+        if self.source("key") is not None:
+            return (
+                f"the key password of entry {alias!r} from {self.described('key')} is wrong; "
+                f"{self._fix('key')}"
+            )
+        return (
+            f"the key of entry {alias!r} has a password of its own (keytool keystores often do "
+            f"that): the keystore password, from {self.described('keystore')}, does not open "
+            f"it, and no source has the key password: set {' or '.join(env_names(p, 'key'))}, "
+            f"set key_password_command in [profiles.{p}], store it with `mpagent secret set "
+            f"{p} --key`, or run: mpagent unlock {p} --key"
+        )
+
+    def locked_message(self) -> str:
+        """No source has the keystore password; ends with exactly `run: mpagent unlock P`."""
+        p = self.profile
+        return (
+            f"profile {p} is locked: no keystore password from "
+            f"{', '.join(env_names(p, 'keystore'))}, password_command, a systemd credential or "
+            f"the OS keyring (`mpagent secret set {p}`); run: mpagent unlock {p}"
+        )
+
+    def _fix(self, which: str) -> str:
+        """How to put the right `which` password where it came from."""
+        p, flag = self.profile, " --key" if which == "key" else ""
+        source = self.source(which)
+        found = self._found.get(which)
+        named = found[2] if found else ""
+        if source == "unlock":
+            return f"the keystore changed since: run `mpagent lock {p}`, then: mpagent unlock {p}"
+        if source == "env":
+            return (
+                f"put the right one in {named}, or unset it to use the next source "
+                f"({COMMAND_SETTINGS[which]}, a systemd credential, `mpagent secret set {p}{flag}`)"
+            )
+        if source == "command":
+            return f"make {named} print the right one"
+        if source == "credential":
+            return (
+                f"encrypt the right one into the credential {p}.{which} "
+                "(`mpagent service install --dry-run` shows how)"
+            )
+        if source == "keyring":
+            return f"store the right one: mpagent secret set {p}{flag}"
+        return "type it again"
+
+
+def run_command(
+    profile: str, setting: str, argv: Sequence[str], env: Mapping[str, str] | None = None
+) -> str:
+    """The first line of what `argv` prints: no shell, stdin closed, at most COMMAND_TIMEOUT.
+    Its output and stderr never reach a message: either may hold the password."""
+    shown = f"profile {profile}: {setting} `{shlex.join(argv)}`"
+    fix = f"fix {setting} in [profiles.{profile}], or run: mpagent unlock {profile}"
+    try:
+        done = subprocess.run(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=COMMAND_TIMEOUT,
+            env=env,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise SecretUnavailable(
+            f"{shown} cannot run: there is no program {argv[0]!r} (not installed, or not on "
+            f"PATH); {fix}",
+            check="password_command",
+        ) from None
+    except OSError as exc:
+        raise SecretUnavailable(
+            f"{shown} cannot run: {exc.strerror or exc}; {fix}", check="password_command"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise SecretUnavailable(
+            f"{shown} did not finish within {COMMAND_TIMEOUT:g} s and was stopped (does it "
+            f"wait for input?); {fix}",
+            check="password_command",
+        ) from None
+    if done.returncode:
+        status = (
+            f"was killed by signal {-done.returncode}"
+            if done.returncode < 0
+            else f"failed with exit status {done.returncode}"
+        )
+        raise SecretUnavailable(
+            f"{shown} {status} (its output is not shown: it may hold the password; run it "
+            f"yourself to see why); {fix}",
+            check="password_command",
+        )
+    first = done.stdout.split(b"\n", 1)[0].removesuffix(b"\r")
+    try:
+        value = first.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SecretUnavailable(
+            f"{shown} printed a first line that is not UTF-8 text; {fix}",
+            check="password_command",
+        ) from None
+    if not value:
+        raise SecretUnavailable(
+            f"{shown} printed nothing on its first line; {fix}", check="password_command"
+        )
+    return value

@@ -7,7 +7,12 @@ The collection offers two ways, one folder each:
 - a pre-request script that asks the bridge with `pm.sendRequest` before every request and puts
   the token in the request-local `{{token}}` variable, for Postman and for newman, which does not
   run the OAuth 2.0 helper. The bridge answers from the agent's cache, so this is cheap, and the
-  token is never stored in an environment or collection variable.
+  token is never stored in an environment or collection variable. When the bridge refuses, the
+  request is not sent and the run fails with the bridge's reason.
+
+The environment file holds a placeholder for the secret (Postman syncs imported values to its
+cloud); `environment(..., secret=)` is for newman, read from a pipe: `-e <(mpagent postman
+--with-secret)`, so the secret is in no argv and no file.
 """
 
 from __future__ import annotations
@@ -24,13 +29,26 @@ SECRET_PLACEHOLDER = "paste the output of `mpagent bridge secret` here"  # noqa:
 BASE_URL_PLACEHOLDER = "https://api.example.no"
 OAUTH_FOLDER = "Postman OAuth 2.0 helper"
 SCRIPT_FOLDER = "Pre-request script (Postman and newman)"
+BRIDGE_TEST = "mpagent token bridge gives a token"  # the test the pre-request script fails
 
 PRE_REQUEST_SCRIPT = """\
 // mpagent: a Maskinporten token from the agent's token bridge, before every request.
 // The bridge answers from the agent's cache; the token lives only in this request's
 // local {{token}} variable, never in a saved environment or collection variable.
+// When the bridge refuses, the request is not sent and the run fails with the bridge's
+// reason: an error thrown in this callback would be lost (newman sends the request anyway),
+// so the reason goes into a failed test and the request is skipped.
+function refuse(reason) {
+    pm.test("mpagent token bridge gives a token", function () { throw new Error(reason); });
+    if (pm.execution && pm.execution.skipRequest) {
+        pm.execution.skipRequest();
+    } else {
+        throw new Error(reason);  // a Postman without skipRequest: at least say why
+    }
+}
+const tokenUrl = pm.variables.get("token_url");
 pm.sendRequest({
-    url: pm.variables.get("token_url"),
+    url: tokenUrl,
     method: "POST",
     header: [{ key: "Content-Type", value: "application/x-www-form-urlencoded" }],
     body: {
@@ -44,12 +62,15 @@ pm.sendRequest({
     }
 }, function (err, res) {
     if (err) {
-        throw new Error("mpagent token bridge not reachable at " + pm.variables.get("token_url") +
+        return refuse("mpagent token bridge not reachable at " + tokenUrl +
             " (is the agent running, with [bridge] listen set?): " + err);
     }
-    const body = res.json();
-    if (res.code !== 200) {
-        throw new Error("mpagent token bridge: " + body.error + ": " + body.error_description);
+    let body = {};
+    try { body = res.json(); } catch (e) { /* not the bridge: said below */ }
+    if (res.code !== 200 || !body.access_token) {
+        return refuse("mpagent token bridge at " + tokenUrl + " answered " + res.code + " " +
+            (body.error || res.status) + ": " +
+            (body.error_description || "not a token response; is token_url the bridge's?"));
     }
     pm.variables.set("token", body.access_token);
 });
@@ -57,10 +78,11 @@ pm.sendRequest({
 
 DESCRIPTION = (
     "Tokens come from mpagent's token bridge (see its README). Import the environment too and "
-    "set client_secret to the output of `mpagent bridge secret`, and base_url to your API. "
-    f"'{OAUTH_FOLDER}' uses Postman's OAuth 2.0 authorization of this collection; "
+    "set client_secret's current value to the output of `mpagent bridge secret`, and base_url "
+    f"to your API. '{OAUTH_FOLDER}' uses Postman's OAuth 2.0 authorization of this collection; "
     f"'{SCRIPT_FOLDER}' fetches a token before each request, in Postman and in newman "
-    f'(newman run COLLECTION -e ENVIRONMENT --folder "{SCRIPT_FOLDER}").'
+    "(newman run COLLECTION -e <(mpagent postman --with-secret) "
+    f'--folder "{SCRIPT_FOLDER}" --env-var base_url=URL: the secret in no argv and no file).'
 )
 
 TEST_SCRIPT = """\
@@ -74,12 +96,15 @@ def file_stem(profile: str) -> str:
     return "mpagent-" + re.sub(r"[^A-Za-z0-9._-]+", "_", profile)
 
 
-def environment(profile: str, token_url: str, scope: str) -> dict[str, Any]:
-    """A Postman environment: where the bridge is, which profile and scope, a secret slot."""
+def environment(
+    profile: str, token_url: str, scope: str, secret: str | None = None
+) -> dict[str, Any]:
+    """A Postman environment: where the bridge is, which profile and scope, and the secret
+    (for newman, through a pipe) or a slot to paste it into."""
     values = [
         ("token_url", token_url, "default"),
         ("client_id", profile, "default"),
-        ("client_secret", SECRET_PLACEHOLDER, "secret"),
+        ("client_secret", secret or SECRET_PLACEHOLDER, "secret"),
         ("scope", scope, "default"),
         ("base_url", BASE_URL_PLACEHOLDER, "default"),
     ]
@@ -142,8 +167,8 @@ def documents(profile: str, token_url: str, scope: str) -> dict[str, dict[str, A
 
 
 def write(directory: Path, docs: dict[str, dict[str, Any]]) -> list[Path]:
-    """Write each document (atomically, 0600: the environment will hold the secret once it is
-    pasted in); returns the paths written."""
+    """Write each document (atomically, 0600: someone may paste the secret into the file);
+    returns the paths written."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for name, document in docs.items():

@@ -3,6 +3,7 @@ autostart path as well as the agent)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -15,27 +16,32 @@ def ensure_private_dir(path: Path) -> None:
     """Create `path` 0700 (at mkdir time, never chmod afterwards), or accept an existing
     one only if it is ours and closed to others. On Windows the per-user profile
     directories are already closed to other users by their ACLs."""
-    # mkdir(parents=True) would create missing ancestors with the umask's mode; make each 0700.
-    for ancestor in reversed([p for p in path.parents if not p.exists()]):
-        ancestor.mkdir(mode=0o700, exist_ok=True)
     if sys.platform == "win32":
-        path.mkdir(exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
         return
-    try:
-        path.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
+    # mkdir(parents=True) would create missing ancestors with the umask's mode; make each 0700.
+    # One that appears meanwhile may be another mpagent's, or another user's: check it too.
+    for ancestor in [*reversed([p for p in path.parents if not p.exists()]), path]:
+        try:
+            ancestor.mkdir(mode=0o700)
+        except FileExistsError:
+            _check_private(ancestor, closed=0o077 if ancestor == path else 0o022)
+
+
+def _check_private(path: Path, closed: int) -> None:
+    """`path` must be a directory of ours (not a symlink) with none of the `closed` bits."""
     st = path.lstat()
+    mode = stat.S_IMODE(st.st_mode)
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{path} exists and is not a directory; remove it")
     if st.st_uid != os.getuid():
         raise ConfigError(
-            f"{path} belongs to uid {st.st_uid}, not you; remove it or set MPAGENT_SOCKET elsewhere"
+            f"{path} belongs to uid {st.st_uid} (mode {mode:04o}), not to you; remove it, or "
+            "set XDG_RUNTIME_DIR (or MPAGENT_SOCKET) to a directory of yours"
         )
-    if st.st_mode & 0o077:
+    if mode & closed:
         raise ConfigError(
-            f"{path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); "
-            f"run `chmod 700 {path}` or remove it"
+            f"{path} is open to other users (mode {mode:04o}); run `chmod 700 {path}` or remove it"
         )
 
 
@@ -64,3 +70,29 @@ def try_lock(path: Path) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+MAX_FILE = 1024 * 1024  # a config or keystore is a few KiB; 1 MiB is far beyond any real one
+
+
+def read_regular(path: Path, limit: int = MAX_FILE) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. Opened non-blocking, so a FIFO
+    cannot wedge the reader, and checked once open (symlinks are followed: dotfile managers
+    link configs), so a link to /dev/zero or a device is refused instead of read until memory
+    runs out. Raises FileNotFoundError, or OSError whose strerror says what is wrong."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"not a regular file but {_kind(st.st_mode)}")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit // 1024} KiB, which no real one is")
+    return data
+
+
+def _kind(mode: int) -> str:
+    kinds = [(stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device")]
+    kinds += [(stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory")]
+    kinds += [(stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "not a file")

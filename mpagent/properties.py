@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from mpagent import config, paths
 from mpagent.errors import ConfigError, SecretUnavailable
 from mpagent.passwords import KEY_ENV, KEYSTORE_ENV, SERVICE, keyring_set, keyring_username
+from mpagent.private import read_regular
 
 _WHITESPACE = " \t\f"
 _ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
@@ -342,7 +343,7 @@ def main(args: Any, out: TextIO, err: TextIO | None = None) -> int:
 def _read(source: Path) -> tuple[dict[str, str], list[str]]:
     """The properties (ISO-8859-1, as Java reads them) and the warnings about their keys."""
     try:
-        text = source.read_bytes().decode("iso-8859-1")
+        text = read_regular(source).decode("iso-8859-1")
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read ({exc.strerror or exc})") from exc
     try:
@@ -363,7 +364,7 @@ def _keystore_bytes(props: Mapping[str, str], source: Path, cwd: Path) -> bytes 
         return None
     path = keystore_path(value, cwd)
     try:
-        return path.read_bytes()
+        return read_regular(path)
     except FileNotFoundError:
         raise ConfigError(_missing(source, value, path)) from None
     except OSError as exc:

@@ -1,9 +1,15 @@
-"""Human-readable renderings of the agent's status document. Pure."""
+"""Human-readable renderings of the agent's status document. Pure.
+
+Every line is escaped (`cli.printable`): scopes come from clients and errors from issuers,
+and neither may move the cursor, clear the screen or start a line of its own.
+"""
 
 from __future__ import annotations
 
 import time
 from typing import Any
+
+from mpagent.cli import printable
 
 
 def _when(at: float | None, now: float) -> str:
@@ -18,9 +24,20 @@ def status(doc: dict[str, Any], now: float | None = None) -> str:
     lines = [
         f"agent     pid {doc['pid']}, up {doc['uptime']:.0f} s, version {doc['version']}",
         f"socket    {doc['socket']}",
-        f"env file  {doc['env_file']}",
+        f"env file  {doc['env_file']}"
+        + (f"  NOT WRITTEN: {doc['env_file_error']}" if doc.get("env_file_error") else ""),
         f"config    {doc['config']}",
     ]
+    bridge = doc.get("bridge") or {}
+    if bridge.get("listen"):
+        lines.append(
+            f"bridge    serving on {bridge['url']}; peer check: {bridge['peer_check']}"
+            if bridge.get("serving")
+            else f"bridge    OFF: {bridge.get('error')}"
+        )
+    for name, state in doc.get("passwords", {}).items():
+        if state:
+            lines.append(f"password  {name}: {state}")
     if doc.get("reload_error"):
         lines.append(f"RELOAD FAILED (old configuration still running): {doc['reload_error']}")
     for name, error in sorted(doc.get("profiles", {}).items()):
@@ -38,4 +55,4 @@ def status(doc: dict[str, Any], now: float | None = None) -> str:
             f"{t['profile']:<12} {t['scope']:<32} {_when(t['expires_at'], now):<12} "
             f"{_when(t['next_refresh'], now):<12} {t['refreshes']:>9} {error.get('message', '')}"
         )
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))

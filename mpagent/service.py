@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -64,6 +65,38 @@ RestartSec=2
 # Exit status 78 (EX_CONFIG) means the configuration is wrong: restarting cannot fix that.
 RestartPreventExitStatus=78
 UMask=0077
+# The sandbox (`systemd-analyze --user security mpagent.service`: 2.0, was 9.7). The agent
+# reads the config and keystores, writes the runtime dir and the env file (which may be in
+# the home directory, so that stays writable), talks to Maskinporten (INET), the keyring
+# (D-Bus) and its clients (UNIX), asks the kernel who is at the other end of a bridge
+# connection (NETLINK sock_diag), and runs password_command. A filtered system call fails
+# with EPERM instead of killing the agent.
+NoNewPrivileges=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
+PrivateUsers=yes
+ProtectSystem=full
+PrivateTmp=yes
+PrivateDevices=yes
+DevicePolicy=closed
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectProc=invisible
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+KeyringMode=private
+RemoveIPC=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged
+SystemCallErrorNumber=EPERM
 """)
 
 PLIST = Template("""\
@@ -135,6 +168,58 @@ def render_plist(argv: list[str], log_file: Path) -> str:
     return PLIST.substitute(PROGRAM_ARGUMENTS=arguments, LOG_FILE=xml_text(str(log_file)))
 
 
+def credentials_help(profiles: Sequence[str], directory: Path) -> str:
+    """How to give the service each profile's keystore password as a systemd credential,
+    which the agent reads from $CREDENTIALS_DIRECTORY/<profile>.keystore. `systemd-creds
+    --user` came in systemd 256, but a user service decrypts such a credential only from 258
+    (systemd/systemd#37598, implemented by PR #35536); plain LoadCredential= works in user
+    services on 252 already (systemd/systemd#25768)."""
+    names = list(profiles) or ["PROFILE"]
+    ask = {n: f"systemd-ask-password -n {shlex.quote(f'{n} keystore password:')}" for n in names}
+    plain = {n: directory / f"{n}.keystore" for n in names}
+    encrypted = {n: directory / f"{n}.keystore.cred" for n in names}
+    return "\n".join(
+        [
+            "Passwords for the service where no keyring runs: a systemd credential per",
+            "profile. mpagent reads $CREDENTIALS_DIRECTORY/PROFILE.keystore (and PROFILE.key",
+            "for a JKS key with a password of its own). With systemd 258 or newer",
+            "(`systemctl --version`), encrypt each password for your user:",
+            f"  mkdir -p -m 700 {shlex.quote(str(directory))}",
+            *(
+                f"  {ask[n]} | systemd-creds encrypt --user"
+                f" --name={shlex.quote(n + '.keystore')} - {shlex.quote(str(file))}"
+                for n, file in encrypted.items()
+            ),
+            "then add these lines with `systemctl --user edit mpagent.service` and run",
+            "`systemctl --user restart mpagent.service`:",
+            "  [Service]",
+            *(
+                f"  LoadCredentialEncrypted={_unit_value(f'{n}.keystore:{file}')}"
+                for n, file in encrypted.items()
+            ),
+            "Older systemd cannot decrypt credentials for a user service (256 and 257 encrypt",
+            "with --user, only 258 decrypts): keep each password in a file in that private",
+            "directory instead,",
+            *(f"  {ask[n]} > {shlex.quote(str(file))}" for n, file in plain.items()),
+            "and add, the same way:",
+            "  [Service]",
+            *(
+                f"  LoadCredential={_unit_value(f'{n}.keystore:{file}')}"
+                for n, file in plain.items()
+            ),
+            "(SetCredential=PROFILE.keystore:PASSWORD works too, but systemd.exec(5) warns that",
+            "its value can be read over IPC.)",
+        ]
+    )
+
+
+def _unit_value(text: str) -> str:
+    """Text in a unit setting's value: systemd expands % specifiers there."""
+    if "\n" in text or "\r" in text:
+        raise ConfigError(f"a path with a line break cannot go into a unit file: {text!r}")
+    return text.replace("%", "%%")
+
+
 def check_socket_path(path: str, limit: int) -> None:
     if len(os.fsencode(path)) > limit:
         raise ConfigError(
@@ -149,6 +234,19 @@ def check_socket_path(path: str, limit: int) -> None:
 class Step(Protocol):
     def describe(self) -> str: ...
     def run(self, out: TextIO) -> None: ...
+
+
+@dataclass(frozen=True)
+class Note:
+    """Text for the user: shell comments in a --dry-run script, printed at install."""
+
+    text: str
+
+    def describe(self) -> str:
+        return "\n".join(f"# {line}".rstrip() for line in self.text.splitlines())
+
+    def run(self, out: TextIO) -> None:
+        out.write(self.text + "\n")
 
 
 @dataclass(frozen=True)
@@ -420,13 +518,39 @@ def main(args: Any, out: TextIO) -> int:
     if args.dry_run:
         out.write(script(steps))
         return 0
-    for step in steps:
-        step.run(out)
+    if args.action == "install":
+        install(target, steps, out)
+    else:
+        for step in steps:
+            step.run(out)
     if args.action == "install":
         out.write(f"mpagent service: installed ({target.name}); logs: {target.logs}\n")
     else:
         out.write(f"mpagent service: uninstalled ({target.name})\n")
     return 0
+
+
+def install(target: Manager, steps: list[Step], out: TextIO) -> None:
+    """Carry the steps out; if one fails (say, no user manager to talk to), put the unit
+    files back as they were, so that `mpagent get` does not wait for a service that is not
+    there but goes on starting agents itself."""
+    before = {f: f.read_text(encoding="utf-8") if f.exists() else None for f in target.files}
+    try:
+        for step in steps:
+            step.run(out)
+    except MpagentError as exc:
+        for path, content in before.items():
+            if content is None:
+                path.unlink(missing_ok=True)
+            else:
+                from mpagent import envfile
+
+                envfile.write_atomic(path, content)
+        raise type(exc)(
+            f"{exc.message}. Nothing is installed: the unit files are as they were, and "
+            "`mpagent get` keeps starting agents itself",
+            **exc.details,
+        ) from exc
 
 
 def install_steps(target: Manager, config_arg: str | None) -> list[Step]:
@@ -435,10 +559,13 @@ def install_steps(target: Manager, config_arg: str | None) -> list[Step]:
 
     explicit = config_arg or os.environ.get("MPAGENT_CONFIG")
     config_file = os.path.abspath(os.path.expanduser(explicit)) if explicit else None
-    config.load(config_file)  # a service that exits 78 at every start helps nobody
+    cfg = config.load(config_file)  # a service that exits 78 at every start helps nobody
     socket = socket_path()
     check_socket_path(socket, server.MAX_SOCKET_PATH)
     argv = command(shutil.which("mpagent"), sys.executable, config_file)
+    if isinstance(target, Systemd):
+        credentials = cfg.path.parent / "credentials"
+        return [*target.install(argv, socket), Note(credentials_help(cfg.names, credentials))]
     return target.install(argv, socket)
 
 

@@ -9,8 +9,10 @@ import asyncio
 import base64
 import json
 import os
+import re
 import socket
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -278,10 +280,10 @@ def _half_closed(running: Running, request: bytes) -> bytes:
         return s.recv(65536)
 
 
-def test_no_secret_every_request_is_refused_with_the_hint(
+def test_no_secret_every_request_is_refused_until_bridge_secret_makes_one(
     bridge_env: None, tmp_path: Path, emulator: Emulator, p12: Path
 ) -> None:
-    """No secret: the agent logs an error and every request gets 401 naming `bridge secret`."""
+    """No secret: requests get 401 naming `bridge secret`; that makes one the agent takes at once."""
     port = free_port()
     cfg = bridge_config(tmp_path / "config.toml", emulator, p12, port)
     run = start_agent(cfg, tmp_path / "agent.log", port)
@@ -291,41 +293,135 @@ def test_no_secret_every_request_is_refused_with_the_hint(
         assert (status, error) == (401, "invalid_client") and "mpagent bridge secret" in description
         assert "ERROR" in run.agent.log() and "mpagent bridge secret" in run.agent.log()
         assert run_cli("get", SCOPES[0]).returncode == 0  # the agent itself is fine
+        made = run_cli("--config", str(cfg), "bridge", "secret")
+        assert made.returncode == 0, made.stderr
+        assert stderr_lines(made) == [
+            f"mpagent: no bridge secret yet: made one, kept in {secret_file()} (mode 0600); "
+            "the OS keyring is not usable here",
+            f"mpagent: the running agent took it: the bridge on {run.url} accepts it",
+        ]
+        run.secret = made.stdout.strip()
+        assert run.post(run.form()).status_code == 200
+        assert run.agent.proc.poll() is None  # no restart
     finally:
         run.agent.stop()
 
 
-def test_secret_file_open_to_others_is_refused(
+def test_secret_file_open_to_others_is_refused_and_rotate_replaces_it(
     bridge_env: None, tmp_path: Path, emulator: Emulator, p12: Path
 ) -> None:
-    """A secret file others can read is not used: logged, and requests get 401."""
+    """A secret file others can read is not used (401, exit 78 naming it); --rotate replaces it."""
     port = free_port()
     cfg = bridge_config(tmp_path / "config.toml", emulator, p12, port)
     secret = make_secret(cfg)
-    secret_file = Path(os.environ["XDG_CONFIG_HOME"]) / "mpagent" / "bridge.secret"
-    secret_file.chmod(0o644)
+    secret_file().chmod(0o644)
     run = start_agent(cfg, tmp_path / "agent.log", port, secret)
     try:
         assert run.post(run.form()).status_code == 401
         assert "not a private file" in run.agent.log()
+        shown = run_cli("--config", str(cfg), "bridge", "secret")
+        assert shown.returncode == 78 and shown.stdout == ""
+        assert f"{secret_file()} is not a private file of yours (mode 644)" in shown.stderr
+        assert f"chmod 600 {secret_file()}" in shown.stderr and "--rotate" in shown.stderr
+        rotated = run_cli("--config", str(cfg), "bridge", "secret", "--rotate")
+        assert rotated.returncode == 0, rotated.stderr
+        assert "the running agent took it" in rotated.stderr
+        assert stat.S_IMODE(secret_file().stat().st_mode) == 0o600
+        run.secret = rotated.stdout.strip()
+        assert run.secret != secret and run.post(run.form()).status_code == 200
     finally:
         run.agent.stop()
 
 
-def test_bridge_secret_cli_writes_a_private_file(bridge_env: None, tmp_path: Path) -> None:
-    """`bridge secret` prints only a new secret and keeps it in a 0600 file (no keyring)."""
+def secret_file() -> Path:
+    return Path(os.environ["XDG_CONFIG_HOME"]) / "mpagent" / "bridge.secret"
+
+
+def stderr_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return result.stderr.splitlines()
+
+
+def test_bridge_secret_shows_the_current_one(bridge_env: None, tmp_path: Path) -> None:
+    """`bridge secret` makes a secret once (0600 file, no keyring), then shows that same one."""
     cfg = write_config(
         tmp_path / "config.toml",
         {"dev": {"environment": "test", "client_id": "x", "scopes": ["s"], "keystore": "k.p12"}},
     )
-    first, second = make_secret(cfg), make_secret(cfg)
-    secret_file = Path(os.environ["XDG_CONFIG_HOME"]) / "mpagent" / "bridge.secret"
-    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
-    assert secret_file.read_text() == second + "\n" and first != second
-    assert len(second) >= 43 and second.replace("-", "").replace("_", "").isalnum()
-    without_file = run_cli("--config", str(cfg), "bridge", "secret")  # no keyring: the file
-    assert without_file.returncode == 0 and "not usable" in without_file.stderr
-    assert secret_file.read_text() == without_file.stdout
+    first = run_cli("--config", str(cfg), "bridge", "secret")
+    where = f"{secret_file()} (mode 0600)"
+    assert first.returncode == 0, first.stderr
+    assert stderr_lines(first) == [
+        f"mpagent: no bridge secret yet: made one, kept in {where}; "
+        "the OS keyring is not usable here",
+        f'mpagent: the bridge is off; add [bridge] listen = "127.0.0.1:8765" to {cfg}',
+    ]
+    secret = first.stdout.strip()
+    assert first.stdout == secret + "\n" and len(secret) >= 43
+    assert secret.replace("-", "").replace("_", "").isalnum()
+    assert stat.S_IMODE(secret_file().stat().st_mode) == 0o600
+    for argv in (["bridge", "secret"], ["bridge", "secret", "--file"]):
+        again = run_cli("--config", str(cfg), *argv)
+        assert again.returncode == 0 and again.stdout == first.stdout, again.stderr
+        assert stderr_lines(again)[0] == f"mpagent: the bridge secret, kept in {where}"
+    assert secret_file().read_text() == first.stdout
+
+
+def test_rotate_without_an_agent(
+    bridge_env: None, tmp_path: Path, emulator: Emulator, p12: Path
+) -> None:
+    """--rotate makes a new secret where the old one was; with no agent running, it says so."""
+    cfg = bridge_config(tmp_path / "config.toml", emulator, p12, free_port())
+    old = make_secret(cfg)
+    rotated = run_cli("--config", str(cfg), "bridge", "secret", "--rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    new = rotated.stdout.strip()
+    assert new != old and secret_file().read_text() == new + "\n"
+    assert stderr_lines(rotated) == [
+        f"mpagent: made a new bridge secret, kept in {secret_file()} (mode 0600); tools "
+        "holding the old one need this",
+        "mpagent: no agent is running; the next one to start uses it",
+    ]
+
+
+def test_rotate_reaches_the_running_agent_without_a_restart(running: Running) -> None:
+    """--rotate: the running agent reloads, the new secret works and the old one gets 401."""
+    before = json.loads(run_cli("status", "--json").stdout)["pid"]
+    rotated = run_cli("--config", str(running.config), "bridge", "secret", "--rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    assert stderr_lines(rotated)[1] == (
+        f"mpagent: the running agent took it: the bridge on {running.url} accepts it"
+    )
+    old, running.secret = running.secret, rotated.stdout.strip()
+    assert running.post(running.form()).status_code == 200
+    refused = running.post(running.form(client_secret=old))
+    assert error_of(refused)[:2] == (401, "invalid_client")
+    assert "mpagent bridge secret` shows the current one" in error_of(refused)[2]
+    assert json.loads(run_cli("status", "--json").stdout)["pid"] == before  # no restart
+    assert old not in running.agent.log()
+
+
+def test_rotate_when_the_bridge_listens_elsewhere(
+    bridge_env: None, tmp_path: Path, emulator: Emulator, p12: Path
+) -> None:
+    """Config says another port than the agent listens on: --rotate says no bridge answers there."""
+    port, other = free_port(), free_port()
+    cfg = bridge_config(tmp_path / "config.toml", emulator, p12, port)
+    run = start_agent(cfg, tmp_path / "agent.log", port, make_secret(cfg))
+    try:
+        bridge_config(cfg, emulator, p12, other)
+        rotated = run_cli("--config", str(cfg), "bridge", "secret", "--rotate")
+        assert rotated.returncode == 0, rotated.stderr
+        line = stderr_lines(rotated)[1]
+        assert line.startswith(
+            f"mpagent: the running agent reloaded, but no token bridge answers on "
+            f"http://127.0.0.1:{other}/token"
+        )
+        assert "`mpagent stop`, then start it again" in line
+        wait_for(lambda: "[bridge] listen changes when the agent restarts" in run.agent.log())
+        run.secret = rotated.stdout.strip()
+        assert run.post(run.form()).status_code == 200  # the old port, the new secret
+    finally:
+        run.agent.stop()
 
 
 @pytest.mark.keyring
@@ -337,24 +433,74 @@ def test_bridge_secret_in_the_keyring(
     p12: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`bridge secret` keeps it in the keyring, the agent uses it; `--file` empties the keyring."""
+    """Kept in the keyring, shown again from there; `--file` moves the same secret to the file."""
     monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", secret_service.address)
     monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.SecretService.Keyring")
     secret_service.clear()
     port = free_port()
     cfg = bridge_config(tmp_path / "config.toml", emulator, p12, port)
-    result = run_cli("--config", str(cfg), "bridge", "secret")
-    assert result.returncode == 0 and "OS keyring" in result.stderr
-    secret = result.stdout.strip()
-    assert secret_service.stored("bridge") == secret
+    made = run_cli("--config", str(cfg), "bridge", "secret")
+    keyring = 'the OS keyring (service "mpagent", username "bridge")'
+    assert made.returncode == 0, made.stderr
+    assert stderr_lines(made)[0] == f"mpagent: no bridge secret yet: made one, kept in {keyring}"
+    secret = made.stdout.strip()
+    assert secret_service.stored("bridge") == secret and not secret_file().exists()
+    shown = run_cli("--config", str(cfg), "bridge", "secret")
+    assert shown.stdout == made.stdout
+    assert stderr_lines(shown) == [f"mpagent: the bridge secret, kept in {keyring}"]
     run = start_agent(cfg, tmp_path / "agent.log", port, secret)
     try:
         assert run.post(run.form()).status_code == 200
-        assert "secret stored in the OS keyring" in run.agent.log()
+        assert f"using the secret in {keyring}" in run.agent.log()
+        moved = run_cli("--config", str(cfg), "bridge", "secret", "--file")
+        assert moved.returncode == 0 and moved.stdout == made.stdout, moved.stderr
+        assert stderr_lines(moved) == [
+            f"mpagent: moved the bridge secret, unchanged, to {secret_file()} (mode 0600)",
+            f"mpagent: the running agent took it: the bridge on {run.url} accepts it",
+        ]
+        assert secret_service.stored("bridge") is None
+        assert secret_file().read_text() == made.stdout
+        assert run.post(run.form()).status_code == 200
     finally:
         run.agent.stop()
-    make_secret(cfg)
-    assert secret_service.stored("bridge") is None
+    secret_service.clear()
+
+
+@pytest.mark.keyring
+def test_rotate_says_when_the_agent_cannot_read_the_keyring(
+    secret_service: SecretService,  # noqa: F811
+    bridge_env: None,
+    tmp_path: Path,
+    emulator: Emulator,
+    p12: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An agent without the keyring keeps its secret; the CLI says so and how to fix it."""
+    port = free_port()
+    cfg = bridge_config(tmp_path / "config.toml", emulator, p12, port)
+    old = make_secret(cfg)
+    run = start_agent(cfg, tmp_path / "agent.log", port, old)  # the "fail" keyring backend
+    try:
+        monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", secret_service.address)
+        monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.SecretService.Keyring")
+        secret_service.clear()
+        secret_file().unlink()
+        made = run_cli("--config", str(cfg), "bridge", "secret")
+        assert made.returncode == 0, made.stderr
+        assert stderr_lines(made)[1] == (
+            f"mpagent: the running agent's bridge on {run.url} still refuses it: the agent "
+            "cannot read it (its log says why; an agent outside your desktop session may have "
+            "no OS keyring); `mpagent bridge secret --file` moves it to a file the agent can read"
+        )
+        assert run.post(run.form()).status_code == 200  # the previous secret keeps working
+        assert "the previous secret keeps working" in run.agent.log()
+        moved = run_cli("--config", str(cfg), "bridge", "secret", "--file")
+        assert "the running agent took it" in stderr_lines(moved)[1], moved.stderr
+        run.secret = moved.stdout.strip()
+        assert run.post(run.form()).status_code == 200
+        assert run.post(run.form(client_secret=old)).status_code == 401
+    finally:
+        run.agent.stop()
     secret_service.clear()
 
 
@@ -399,8 +545,8 @@ def test_slow_client_times_out_and_others_are_served(
     async def main() -> None:
         with ThreadPoolExecutor(2) as pool, ThreadPoolExecutor(1) as io:
             refresher = Refresher(pool)
-            sources, unusable, _ = load_sources(cfg)
-            refresher.set_sources(sources, cfg.default_profile, unusable)
+            loaded = load_sources(cfg)
+            refresher.set_sources(loaded.sources, cfg.default_profile, loaded.unusable)
             server = await bridge.start(cfg.bridge, refresher, io, read_timeout=1.0)
             try:
                 await asyncio.to_thread(clients)
@@ -413,16 +559,16 @@ def test_slow_client_times_out_and_others_are_served(
     assert 0.8 < done["waited"] < 5  # type: ignore[operator]
 
 
-def test_postman_files(bridge_env: None, tmp_path: Path, emulator: Emulator, p12: Path) -> None:
+def test_postman_files(running: Running, tmp_path: Path, emulator: Emulator, p12: Path) -> None:
     """`mpagent postman` writes an environment and a v2.1 collection with both bridge variants."""
-    port = free_port()
-    cfg = bridge_config(tmp_path / "config.toml", emulator, p12, port)
+    cfg, port = running.config, running.port
     out = tmp_path / "postman"
     result = run_cli("--config", str(cfg), "postman", "--profile", "dev", "--out", str(out))
     assert result.returncode == 0, result.stderr
     env_file = out / "mpagent-dev.postman_environment.json"
     coll_file = out / "mpagent-dev.postman_collection.json"
     assert f"wrote {env_file}" in result.stdout and f"wrote {coll_file}" in result.stdout
+    assert f"-e <(mpagent --config {cfg} postman --profile dev --with-secret)" in result.stdout
     env = {v["key"]: v for v in json.loads(env_file.read_text())["values"]}
     assert env["token_url"]["value"] == f"http://127.0.0.1:{port}/token"
     assert env["client_id"]["value"] == "dev" and env["scope"]["value"] == SCOPES[0]
@@ -439,10 +585,72 @@ def test_postman_files(bridge_env: None, tmp_path: Path, emulator: Emulator, p12
     folders = {folder["name"]: folder for folder in coll["item"]}
     script = folders["Pre-request script (Postman and newman)"]
     assert script["auth"]["type"] == "bearer"
-    assert "pm.sendRequest" in "\n".join(script["event"][0]["script"]["exec"])
+    source = "\n".join(script["event"][0]["script"]["exec"])
+    assert "pm.sendRequest" in source and "pm.execution.skipRequest()" in source
     off = write_config(tmp_path / "off.toml", {"dev": profile_for(emulator, p12)})
     refused = run_cli("--config", str(off), "postman", "--out", str(out))
     assert refused.returncode == 78 and "[bridge]" in refused.stderr
+
+
+def test_postman_with_secret_prints_the_environment_only(
+    bridge_env: None, tmp_path: Path, emulator: Emulator, p12: Path
+) -> None:
+    """--with-secret prints the environment holding the current secret and writes no file."""
+    port = free_port()
+    cfg = bridge_config(tmp_path / "config.toml", emulator, p12, port)
+    agent = start_agent(cfg, tmp_path / "agent.log", port).agent  # a new user's: no secret yet
+    try:
+        work = tmp_path / "work"
+        work.mkdir()
+        first = run_cli("--config", str(cfg), "postman", "--with-secret", cwd=work)
+        assert first.returncode == 0, first.stderr
+        assert "no bridge secret yet: made one" in first.stderr  # a new user's first newman run
+        secret = secret_file().read_text().strip()
+        env = {v["key"]: v["value"] for v in json.loads(first.stdout)["values"]}
+        assert env["client_secret"] == secret and env["client_id"] == "dev"
+        again = run_cli("--config", str(cfg), "postman", "--with-secret", cwd=work)
+        assert again.returncode == 0 and again.stdout == first.stdout and again.stderr == ""
+        assert list(work.iterdir()) == []
+        both = run_cli("--config", str(cfg), "postman", "--with-secret", "--out", str(work))
+        assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    finally:
+        agent.stop()
+
+
+# A command line that would carry the secret: newman's `--env-var client_secret=...` (what
+# `mpagent postman` used to suggest), or the secret substituted into any argument.
+ARGV_SECRET = re.compile(r"--env-var[ =]\S*client_secret=|client_secret=\S*\$\(mpagent")
+
+
+def test_no_hint_puts_the_secret_in_argv(
+    running: Running, tmp_path: Path, emulator: Emulator, p12: Path
+) -> None:
+    """No output of bridge secret, postman, status, help or the bridge puts a secret in argv."""
+    cli = ["--config", str(running.config)]
+    off = write_config(tmp_path / "off.toml", {"dev": profile_for(emulator, p12)})
+    results = [
+        run_cli(*cli, "bridge", "secret"),
+        run_cli(*cli, "bridge", "secret", "--file"),
+        run_cli(*cli, "postman", "--out", str(tmp_path / "p")),
+        run_cli(*cli, "status"),
+        run_cli(*cli, "bridge", "--help"),
+        run_cli(*cli, "postman", "--help"),
+        run_cli(*cli, "postman", "--with-secret"),
+        run_cli("--config", str(off), "postman"),
+    ]
+    rotated = run_cli(*cli, "bridge", "secret", "--rotate")
+    secrets_seen = {running.secret, rotated.stdout.strip()}
+    answers = [
+        running.post(running.form(client_secret="wrong")).text,
+        running.post(running.form(client_id="nope")).text,
+    ]
+    texts = [r.stderr for r in (*results, rotated)] + [r.stdout for r in results[2:6]] + answers
+    collection = (tmp_path / "p" / "mpagent-dev.postman_collection.json").read_text()
+    for text in [*texts, collection]:
+        assert not ARGV_SECRET.search(text), text
+        assert not any(secret in text for secret in secrets_seen), text
+    assert all(r.returncode == 0 for r in (*results[:7], rotated))
+    assert results[7].returncode == 78
 
 
 def test_concurrent_requests_share_one_token(running: Running) -> None:

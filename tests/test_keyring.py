@@ -217,12 +217,80 @@ def test_separate_key_password_of_a_jks(
 def test_set_replaces_and_reads_one_line(keyring_service: SecretService, config: Path) -> None:
     """--stdin takes the first line only, without its line ending (\\n or \\r\\n); setting
     again replaces the stored password and says so."""
-    assert_ok(secret(config, "set", "dev", "--stdin", stdin="first-pw\nsecond line\n"))
-    assert keyring_service.stored("dev/keystore") == "first-pw"
+    assert_ok(secret(config, "set", "dev", "--stdin", stdin=PASSWORD + "\nsecond line\n"))
+    assert keyring_service.stored("dev/keystore") == PASSWORD
     again = secret(config, "set", "dev", "--stdin", stdin=PASSWORD + "\r\n")
     assert_ok(again)
     assert "replaced the keystore password" in again.stdout
     assert keyring_service.stored("dev/keystore") == PASSWORD
+
+
+@pytest.mark.keyring
+def test_a_wrong_password_is_refused_by_secret_set(
+    keyring_service: SecretService, config: Path, p12: Path
+) -> None:
+    """`secret set` opens the keystore first: a wrong password is exit 78 naming the keystore,
+    and nothing is stored, not even over a right one; the right one is stored, "checked"."""
+    refused = secret(config, "set", "dev", "--stdin", stdin="not-the-pw\n")
+    assert refused.returncode == 78 and refused.stdout == ""
+    assert str(p12) in refused.stderr and "nothing stored" in refused.stderr
+    assert "not-the-pw" not in refused.stderr and "Traceback" not in refused.stderr
+    assert keyring_service.usernames() == set()
+    stored = secret(config, "set", "dev", "--stdin", stdin=PASSWORD + "\n")
+    assert_ok(stored)
+    assert f"(checked: it opens {p12})" in stored.stdout
+    assert secret(config, "set", "dev", "--stdin", stdin="not-the-pw\n").returncode == 78
+    assert keyring_service.stored("dev/keystore") == PASSWORD
+
+
+@pytest.mark.keyring
+def test_an_env_variable_beats_the_keyring(
+    keyring_service: SecretService, config: Path, tmp_path: Path
+) -> None:
+    """A variable the user set wins over a password stored in the keyring: with a wrong one
+    in the keyring, get fails naming the OS keyring, and works once the variable is set;
+    a wrong variable fails naming the variable, though the keyring holds the right one."""
+    # No configuration to check against: the only way to store a wrong password.
+    unchecked = secret(tmp_path / "missing.toml", "set", "dev", "--stdin", stdin="old-pw\n")
+    assert_ok(unchecked)
+    assert keyring_service.stored("dev/keystore") == "old-pw"
+    from_keyring = get_no_agent(config)
+    assert from_keyring.returncode == 78
+    assert "the keystore password from the OS keyring is wrong" in from_keyring.stderr
+    assert "mpagent secret set dev" in from_keyring.stderr
+    assert_ok(get_no_agent(config, env={"MPAGENT_KEYSTORE_PASSWORD_DEV": PASSWORD}))
+    assert_ok(get_no_agent(config, env={"MPAGENT_KEYSTORE_PASSWORD": PASSWORD}))
+    assert_ok(secret(config, "set", "dev", "--stdin", stdin=PASSWORD))
+    wrong_env = get_no_agent(config, env={"MPAGENT_KEYSTORE_PASSWORD_DEV": "old-pw"})
+    assert wrong_env.returncode == 78
+    assert "from MPAGENT_KEYSTORE_PASSWORD_DEV is wrong" in wrong_env.stderr
+    assert "old-pw" not in wrong_env.stderr
+
+
+@pytest.mark.keyring
+def test_set_key_checks_the_key_password_of_a_jks(
+    keyring_service: SecretService,
+    tmp_path: Path,
+    home: Path,
+    emulator: Emulator,
+    leaf: pki.Issued,
+) -> None:
+    """`secret set --key` opens the JKS key with the password (the store password from the
+    keyring): a wrong one is exit 78 naming the entry and stores nothing; storing only the
+    store password warns that the key has a password of its own."""
+    jks = write_jks(tmp_path / "ks.jks", {"auth": leaf}, PASSWORD, KEY_PASSWORD)
+    config = write_config(tmp_path / "config.toml", {"dev": profile_for(emulator, jks)})
+    store = secret(config, "set", "dev", "--stdin", stdin=PASSWORD)
+    assert_ok(store)
+    assert "has a password of its own" in store.stderr and "secret set dev --key" in store.stderr
+    refused = secret(config, "set", "dev", "--key", "--stdin", stdin=PASSWORD)
+    assert refused.returncode == 78
+    assert "does not open the key of entry 'auth'" in refused.stderr and str(jks) in refused.stderr
+    assert keyring_service.usernames() == {"dev/keystore"}
+    stored = secret(config, "set", "dev", "--key", "--stdin", stdin=KEY_PASSWORD)
+    assert_ok(stored)
+    assert "stored the key password of profile dev" in stored.stdout and "checked" in stored.stdout
+    assert keyring_service.stored("dev/key") == KEY_PASSWORD
 
 
 @pytest.mark.keyring
@@ -261,11 +329,12 @@ def test_set_warns_about_a_profile_not_in_the_config(
 @pytest.mark.keyring
 def test_prompt_is_hidden_and_asks_twice(keyring_service: SecretService, config: Path) -> None:
     """On a terminal, set prompts twice without echo; a mismatch stores nothing."""
-    code, transcript = in_terminal(config, [PASSWORD, PASSWORD + "x"])
+    args = ["--config", str(config), "secret", "set", "dev"]
+    code, transcript = in_terminal(args, [PASSWORD, PASSWORD + "x"])
     assert code == 78 and "differ" in transcript
     assert_no_secret(transcript)
     assert keyring_service.usernames() == set()
-    code, transcript = in_terminal(config, [PASSWORD, PASSWORD])
+    code, transcript = in_terminal(args, [PASSWORD, PASSWORD])
     assert code == 0 and "stored the keystore password of profile dev" in transcript
     assert_no_secret(transcript)
     assert keyring_service.stored("dev/keystore") == PASSWORD
@@ -278,14 +347,18 @@ TERMINAL = (
 )
 
 
-def in_terminal(config: Path, answers: list[str]) -> tuple[int, str]:
-    """`secret set dev` on a pseudo-terminal, typing `answers` at its prompts."""
+def in_terminal(
+    args: list[str], answers: list[str], env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """`mpagent ARGS` on a pseudo-terminal, typing `answers` at its prompts (each ends with
+    ": "); the exit status and everything the terminal showed."""
     master, slave = os.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-c", TERMINAL, "--config", str(config), "secret", "set", "dev"],
+        [sys.executable, "-c", TERMINAL, *args],
         stdin=slave,
         stdout=slave,
         stderr=slave,
+        env={**os.environ, **(env or {})},
         start_new_session=True,
     )
     os.close(slave)
@@ -398,11 +471,17 @@ def test_secret_without_keyring_is_exit_78_naming_env_vars(
     no_keyring: None, config: Path, args: list[str]
 ) -> None:
     """With no usable keyring every `secret` action fails with exit 78, one message naming
-    MPAGENT_KEYSTORE_PASSWORD and MPAGENT_KEY_PASSWORD, no traceback and no password."""
+    MPAGENT_KEYSTORE_PASSWORD and MPAGENT_KEY_PASSWORD, no traceback and no password; for
+    one profile it names that profile's variables and its other sources."""
     result = secret(config, *args, stdin=PASSWORD + "\n")
     assert result.returncode == 78, result.stderr
     assert result.stdout == "" and "Traceback" not in result.stderr
     assert all(name in result.stderr for name in ENV_NAMES)
+    assert "password_command" in result.stderr and "mpagent unlock" in result.stderr
+    if "dev" in args:
+        for way in ("MPAGENT_KEYSTORE_PASSWORD_DEV", "MPAGENT_KEY_PASSWORD_DEV", "dev.keystore"):
+            assert way in result.stderr
+        assert "`mpagent unlock dev`" in result.stderr
     assert_no_secret(result.stderr)
 
 

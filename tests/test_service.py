@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import plistlib
+import re
 import shutil
 import subprocess
 import sys
 import time
+from itertools import takewhile
 from pathlib import Path
 from string import Template
 
@@ -188,6 +190,70 @@ def test_dry_run_prints_everything_and_does_nothing(config: Path, shim: dict[str
     assert dry == {p.name: p.read_text() for p in (socket_unit, service_unit)}
 
 
+# -- passwords as systemd credentials -------------------------------------------------------
+
+
+def test_credentials_help_gives_each_profile_its_lines() -> None:
+    """The credential text: per profile, the systemd-creds command that makes the file and the
+    LoadCredentialEncrypted= line (systemd 258+), the plain LoadCredential= fallback, the
+    version to check; shell words quoted, % doubled in unit lines."""
+    directory = Path("/home/kari/my creds/50%")
+    text = service.credentials_help(["test", "prod"], directory)
+    for name in ("test", "prod"):
+        cred = f"/home/kari/my creds/50%/{name}.keystore.cred"
+        assert (
+            f"systemd-ask-password -n '{name} keystore password:' | systemd-creds encrypt --user "
+            f"--name={name}.keystore - '{cred}'"
+        ) in text
+        assert f"LoadCredentialEncrypted={name}.keystore:{cred.replace('%', '%%')}\n" in text
+        assert f"LoadCredential={name}.keystore:/home/kari/my creds/50%%/{name}.keystore" in text
+    assert "systemctl --user edit mpagent.service" in text and "258" in text
+    assert "$CREDENTIALS_DIRECTORY/PROFILE.keystore" in text and "PROFILE.key" in text
+
+
+def credential_blocks(text: str) -> list[list[str]]:
+    """The [Service] blocks of the credential text, each as the lines of a drop-in."""
+    lines = [line.strip() for line in text.splitlines()]
+    return [
+        ["[Service]", *takewhile(lambda s: s.startswith("LoadCredential"), lines[i + 1 :])]
+        for i, line in enumerate(lines)
+        if line == "[Service]"
+    ]
+
+
+def test_install_shows_the_credential_lines(
+    tmp_path: Path, home: Path, emulator: Emulator, p12: Path, shim: dict[str, str]
+) -> None:
+    """--dry-run shows the credential lines for every profile as comments (the script still
+    runs), install prints them, and each block, put in a drop-in as `systemctl --user edit`
+    would, passes `systemd-analyze --user verify`."""
+    cfg = write_config(
+        tmp_path / "config.toml",
+        {"test": profile_for(emulator, p12), "prod": profile_for(emulator, p12)},
+    )
+    cred = tmp_path / "credentials" / "prod.keystore.cred"
+    dry = run_cli("--config", str(cfg), "service", "install", "--dry-run", env=shim)
+    assert dry.returncode == 0, dry.stderr
+    assert f"\n#   LoadCredentialEncrypted=prod.keystore:{cred}\n" in dry.stdout
+    assert "--name=test.keystore" in dry.stdout
+    installed = install(cfg, shim)
+    assert f"\n  LoadCredentialEncrypted=prod.keystore:{cred}\n" in installed.stdout
+    blocks = credential_blocks(installed.stdout)
+    assert len(blocks) == 2 and all(len(block) == 3 for block in blocks)
+    analyze = require("systemd-analyze", "systemd")
+    drop_in = unit_dir() / "mpagent.service.d" / "override.conf"
+    drop_in.parent.mkdir()
+    for block in blocks:
+        drop_in.write_text("\n".join(block) + "\n")
+        result = subprocess.run(
+            [analyze, "--user", "verify", str(unit_dir() / "mpagent.service")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
 def test_uninstall_reverses_install(config: Path, shim: dict[str, str]) -> None:
     """uninstall disables the units, removes both files and reloads systemd."""
     install(config, shim)
@@ -299,3 +365,35 @@ def test_after_uninstall_get_starts_its_own_agent(
     assert result.returncode == 0, result.stderr
     client.call(paths.socket_path(), "stop")
     wait_for(lambda: not Path(paths.socket_path()).exists())
+
+
+def test_installed_service_is_sandboxed(home: Path, config: Path, shim: dict[str, str]) -> None:
+    """`systemd-analyze --user security` rates the installed service 3.0 or better (the unit
+    without its sandbox rated 9.7, UNSAFE)."""
+    analyze = require("systemd-analyze", "systemd")
+    install(config, shim)
+    result = subprocess.run(
+        [analyze, "--user", "security", "--offline=true", str(unit_dir() / "mpagent.service")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = re.search(r"Overall exposure level for mpagent.service: (\d+\.\d)", result.stdout)
+    assert found, result.stdout + result.stderr
+    assert float(found.group(1)) <= 3.0, result.stdout
+
+
+def test_failed_install_puts_everything_back(
+    config: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the real systemctl and no user manager to talk to, install fails, says nothing is
+    installed, leaves no unit file behind, and `get` then starts its own agent."""
+    require("systemctl", "systemd")
+    result = run_cli("--config", str(config), "service", "install")
+    assert result.returncode != 0 and "Nothing is installed" in result.stderr, result.stderr
+    assert not (unit_dir() / "mpagent.socket").exists()
+    assert not (unit_dir() / "mpagent.service").exists()
+    monkeypatch.setenv("MPAGENT_KEYSTORE_PASSWORD", PASSWORD)
+    got = run_cli("--config", str(config), "get", SCOPES[0])
+    assert got.returncode == 0, got.stderr
+    client.call(paths.socket_path(), "stop")

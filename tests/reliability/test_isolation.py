@@ -1,14 +1,19 @@
 """Isolation: what another local user can reach (nothing), and the modes of everything the
-agent creates when it was started under umask 000."""
+agent creates when it was started under umask 000. `other_user` is the real second local user
+the cross-user cases of this directory run as (test_local_attacker.py uses it too)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import pwd
+import shutil
 import stat
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +25,69 @@ from ..agentproc import wait_for
 from ..conftest import PASSWORD, SCOPES, profile_for, run_cli, write_config
 from .harness import alive, proc_status
 
-NOBODY = 65534
 
-# Runs as root, drops to nobody (no supplementary groups), then tries each way in.
-AS_NOBODY = """
-import errno, json, os, socket, sys
-os.setgroups([]); os.setgid({uid}); os.setuid({uid})
-sock_path, env_file, log_file, agent_pid = sys.argv[1:]
+@dataclass(frozen=True)
+class OtherUser:
+    """A real second local user (its own uid and group, no supplementary groups), made for
+    the test session with useradd and removed after it."""
+
+    name: str
+    uid: int
+    gid: int
+
+    def python(self, code: str, *args: str, **popen: Any) -> subprocess.Popen[str]:
+        """`code` as this user: an interpreter started as root imports the stdlib modules the
+        scripts use, then drops to the uid, so it works where the interpreter lives in a
+        directory the user cannot read (a pyenv under /root). Arguments carry no secrets."""
+        drop = (
+            "import encodings.idna, errno, json, os, select, socket, sys, time\n"
+            f"os.setgroups([]); os.setgid({self.gid}); os.setuid({self.uid})\n"
+        )
+        command = [sys.executable, "-I", "-c", drop + code, *args]
+        return subprocess.Popen(command, text=True, cwd="/", **popen)
+
+    def run(self, code: str, *args: str, stdin: str = "") -> Any:
+        """Run `code` as this user to the end; its stdout is one JSON document."""
+        proc = self.python(
+            code, *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        out, err = proc.communicate(stdin, timeout=60)
+        assert proc.returncode == 0, err
+        return json.loads(out)
+
+
+_made = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def other_user() -> Iterator[OtherUser]:
+    """A second local user for the session; needs root (CI runs as root), skipped otherwise."""
+    if os.getuid() != 0:
+        pytest.skip("a second local user needs root to create and switch to (CI runs as root)")
+    useradd, userdel = shutil.which("useradd"), shutil.which("userdel")
+    if useradd is None or userdel is None:
+        if os.environ.get("MPAGENT_REQUIRE_ALL") == "1":
+            pytest.fail("useradd/userdel missing (MPAGENT_REQUIRE_ALL=1)", pytrace=False)
+        pytest.skip("useradd/userdel missing: cannot make a second local user")
+    # Unique per instance: a module that imports this fixture gets an instance of its own.
+    name = f"mpatest{os.getpid()}x{next(_made)}"
+    options = ["--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent"]
+    made = subprocess.run(
+        [useradd, *options, "--shell", "/usr/sbin/nologin", name],
+        capture_output=True,
+        text=True,
+    )
+    assert made.returncode == 0, made.stderr
+    try:
+        entry = pwd.getpwnam(name)
+        yield OtherUser(name, entry.pw_uid, entry.pw_gid)
+    finally:
+        subprocess.run([userdel, name], capture_output=True)
+
+
+# Each way in that another user might try, as that user.
+TRY_EVERYTHING = """
+sock_path, env_file, log_file, agent_pid, scope = sys.argv[1:]
 
 def attempt(action):
     try:
@@ -38,19 +99,19 @@ def ask():
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(10)
         s.connect(sock_path)
-        s.sendall(b"mpagent/1 get scope={scope}\\n")
+        s.sendall(b"mpagent/1 get scope=" + scope.encode() + b"\\n")
         return "answered" if s.recv(65536) else "closed"
 
 def read(path):
     with open(path, "rb") as f:
         return "read" if f.read(1) else "read"
 
-print(json.dumps({{
+print(json.dumps({
     "socket": attempt(ask),
     "env file": attempt(lambda: read(env_file)),
     "agent log": attempt(lambda: read(log_file)),
-    "agent environ": attempt(lambda: read(f"/proc/{{agent_pid}}/environ")),
-}}))
+    "agent environ": attempt(lambda: read(f"/proc/{agent_pid}/environ")),
+}))
 """
 
 
@@ -78,37 +139,27 @@ def autostarted(config: Path) -> Iterator[int]:
     wait_for(lambda: not alive(pid))
 
 
-def try_as_nobody(agent_pid: int) -> dict[str, str]:
-    code = AS_NOBODY.format(uid=NOBODY, scope=SCOPES[0])
-    args = [
-        paths.socket_path(),
-        paths.default_env_file(),
-        str(autostart.log_path()),
-        str(agent_pid),
-    ]
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", code, *args], capture_output=True, text=True, cwd="/"
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+def try_everything(user: OtherUser, agent_pid: int) -> dict[str, str]:
+    args = [paths.socket_path(), paths.default_env_file(), str(autostart.log_path())]
+    return dict(user.run(TRY_EVERYTHING, *args, str(agent_pid), SCOPES[0]))
 
 
-def test_another_user_reaches_nothing(autostarted: int, home: Path, report: Any) -> None:
-    """A process of another user (nobody) can neither get an answer on the socket nor read
-    the env file, the agent's log or its environment: not through the private directories,
-    not if a mistake opened the directories, and not if it also opened the socket, where
-    the agent's peer-uid check is the last line."""
-    if os.getuid() != 0:
-        pytest.skip("switching to another uid needs root (CI runs as root)")
+def test_another_user_reaches_nothing(
+    other_user: OtherUser, autostarted: int, home: Path, report: Any
+) -> None:
+    """A process of another user can neither get an answer on the socket nor read the env
+    file, the agent's log or its environment: not through the private directories, not if a
+    mistake opened the directories, and not if it also opened the socket, where the agent's
+    peer-uid check is the last line."""
     runtime = Path(paths.socket_path()).parent
     layers = {}
-    layers["private directories"] = try_as_nobody(autostarted)
+    layers["private directories"] = try_everything(other_user, autostarted)
     log_dir = autostart.log_path().parent
     for directory in (home, runtime.parent, runtime, log_dir.parent, log_dir):
         directory.chmod(0o711)  # others may pass through, not list
-    layers["directories opened"] = try_as_nobody(autostarted)
+    layers["directories opened"] = try_everything(other_user, autostarted)
     Path(paths.socket_path()).chmod(0o666)
-    layers["socket opened too"] = try_as_nobody(autostarted)
+    layers["socket opened too"] = try_everything(other_user, autostarted)
     report(**{k.replace(" ", "_"): v for k, v in layers.items()})
     assert layers["private directories"] == {
         "socket": "EACCES",
@@ -119,7 +170,7 @@ def test_another_user_reaches_nothing(autostarted: int, home: Path, report: Any)
     assert layers["directories opened"] == layers["private directories"]
     # Cut off before or after its request was written: either way, no answer.
     assert layers["socket opened too"]["socket"] in ("closed", "ECONNRESET", "EPIPE")
-    refused = f"refused a connection from uid {NOBODY}"
+    refused = f"refused a connection from uid {other_user.uid}"
     wait_for(lambda: refused in autostart.log_path().read_text())
 
 

@@ -1,0 +1,100 @@
+"""Repeated log lines counted instead of written: a flood of one failure (a client in a loop,
+no file descriptors left) must not grow the log by a line, or a traceback, each time."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+WINDOW = 60.0  # seconds
+BURST = 10  # lines of one kind written per window; the rest are counted
+SWEEP = 1.0  # how often, at most, ended windows are looked for (seconds)
+_SUMMARY = "mpagent_summary"  # marks the filter's own lines, which always pass
+
+
+@dataclass
+class _Window:
+    start: float
+    written: int = 1
+    dropped: int = 0
+    first_dropped: float = 0.0
+    last: tuple[Any, Any] = ("", None)  # the last left-out line's msg and args
+
+
+class RateLimit(logging.Filter):
+    """Per kind of line (logger, level and the message before its arguments are filled in):
+    the first BURST lines of each WINDOW seconds are written and later ones only counted.
+    When the window has ended, at the next line logged of any kind, a line says how many
+    were left out: "<the last of them> (… 12,345 more like this in the last 60 s)". DEBUG
+    lines always pass: whoever asks for them wants every one.
+
+    Times are the records' own (`created`), so the filter is tested with plain values."""
+
+    def __init__(self, burst: int = BURST, window: float = WINDOW) -> None:
+        super().__init__()
+        self.burst, self.window = burst, window
+        self._windows: dict[tuple[str, int, str], _Window] = {}
+        self._next_sweep = 0.0
+        self._lock = threading.Lock()  # the agent's threads (I/O, fetches) log too
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG or getattr(record, _SUMMARY, False):
+            return True
+        kind = (record.name, record.levelno, str(record.msg))
+        now = record.created
+        with self._lock:
+            ended = self._ended(now, kind)
+            keep = self._admit(kind, record, now)
+        for ended_kind, window in ended:  # outside the lock: these are logged through us
+            _summarise(ended_kind, window, now)
+        return keep
+
+    def _ended(self, now: float, kind: tuple[str, int, str]) -> list[tuple[Any, _Window]]:
+        """Remove the windows that have ended (this kind's, and once a SWEEP all); return
+        those that left lines out."""
+        kinds = [kind]
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP
+            kinds = list(self._windows)
+        ended = []
+        for k in kinds:
+            window = self._windows.get(k)
+            if window is not None and now - window.start >= self.window:
+                del self._windows[k]
+                if window.dropped:
+                    ended.append((k, window))
+        return ended
+
+    def _admit(self, kind: tuple[str, int, str], record: logging.LogRecord, now: float) -> bool:
+        window = self._windows.get(kind)
+        if window is None:
+            self._windows[kind] = _Window(now)
+            return True
+        if window.written < self.burst:
+            window.written += 1
+            return True
+        if not window.dropped:
+            window.first_dropped = now
+        window.dropped += 1
+        window.last = (record.msg, record.args)
+        return False
+
+
+def _summarise(kind: tuple[str, int, str], window: _Window, now: float) -> None:
+    name, level, _ = kind
+    msg, args = window.last
+    try:
+        text = str(msg) % args if args else str(msg)
+    except (TypeError, ValueError, KeyError):  # as LogRecord.getMessage would fail
+        text = str(msg)
+    logging.getLogger(name).log(
+        level,
+        "%s (… %s more like this in the last %d s)",
+        text,
+        f"{window.dropped:,}",
+        max(1, math.ceil(now - window.first_dropped)),
+        extra={_SUMMARY: True},
+    )
