@@ -280,7 +280,7 @@ class Agent:
         if name in self.problems:
             self.unlocked.pop(name, None)
             raise ConfigError(f"profile {name} is still unusable: {self.problems[name]}")
-        return protocol.encode(["ok"], [("password", self.passwords.get(name, ""))])
+        return protocol.encode(["ok"], [])
 
     async def _lock_profiles(self, names: list[str]) -> bytes:
         """`mpagent lock [PROFILE...]`: forget passwords given by unlock (all, without names);

@@ -43,7 +43,7 @@ from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit
 import platformdirs
 
 from mpagent import envfile, passwords, paths
-from mpagent.config import BridgeSettings
+from mpagent.config import BridgeSettings, is_loopback
 from mpagent.errors import ConfigError, IssuerRejected, IssuerUnavailable, MpagentError
 from mpagent.errors import SecretUnavailable as NoKeyring
 from mpagent.issuer import Token, fingerprint
@@ -444,13 +444,6 @@ def loopback_host(value: str) -> bool:
         return False
     bracketed = value.startswith("[")
     return bracketed == (":" in parts.hostname) and is_loopback(parts.hostname)
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _ascii(text: str) -> str:

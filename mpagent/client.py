@@ -84,16 +84,21 @@ def call(
         ) from None
     finally:
         channel.close()
+    return parse_reply(line)
+
+
+def parse_reply(line: bytes) -> Reply:
+    """The fields of an `ok` reply line; an `error` reply is raised as its MpagentError."""
     try:
         words, reply = protocol.decode(line)
+        if words == ["error"]:
+            raise MpagentError.from_wire(protocol.from_details(reply))
     except protocol.MessageError as exc:
         raise ProtocolError(
             f"the agent sent a malformed reply ({exc}); restart it with `mpagent stop`"
         ) from None
     if words == ["ok"]:
         return reply
-    if words == ["error"]:
-        raise MpagentError.from_wire(dict(reply))
     raise ProtocolError(
         f"the agent sent an unknown reply {words[:1]}; is it another mpagent version?"
     )

@@ -7,17 +7,23 @@ a `%`, a control character or a non-ASCII character; a key may repeat.
 
     request:  mpagent/1 get scope=idporten:dcr.read profile=dev min_ttl=30
     reply:    ok token=eyJ... expires_at=1764420000.5 scope=idporten:dcr.read
-    reply:    error kind=rejected message=Maskinporten%20refused... mp_code=MP-200
+    reply:    error kind=rejected message=Maskinporten%20refused... mp_code=MP-200 connected:json=true
 
 Verbs: `get` (fields scope..., profile, min_ttl; the reply may add `warning` fields),
 `status` (reply field `json`, a JSON document), `reload` (reply `json`: the unusable
 profiles), `refresh` (field profile; reply `json`: each token's outcome), `stop` (reply
 `pid`). Requests are at most MAX_REQUEST bytes; replies MAX_REPLY.
+
+An error's fields are its details (`details`/`from_details`): a string travels as itself, any
+other JSON value as JSON under the key with TYPED appended (`aliases:json=["a","b"]`), so
+only an error with such a detail costs the client a `json` import.
 """
 
 VERSION = "mpagent/1"
 MAX_REQUEST = 16 * 1024
 MAX_REPLY = 8 * 1024 * 1024
+
+TYPED = ":json"
 
 Fields = list[tuple[str, str]]  # a key may repeat, so not a dict
 
@@ -92,3 +98,34 @@ def first(fields: Fields, key: str, default: str | None = None) -> str | None:
 
 def every(fields: Fields, key: str) -> list[str]:
     return [v for k, v in fields if k == key]
+
+
+def details(values: "dict[str, object]") -> Fields:
+    """Fields for a dict of values; a non-string travels JSON-encoded (see TYPED)."""
+    fields: Fields = []
+    for key, value in values.items():
+        if isinstance(value, str):
+            fields.append((key, value))
+        else:
+            import json
+
+            # default=str: a value JSON cannot hold still arrives, as its text
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+            fields.append((key + TYPED, text))
+    return fields
+
+
+def from_details(fields: Fields) -> "dict[str, object]":
+    """The values `details` encoded, each with its JSON type; the last of a repeated key wins."""
+    values: dict[str, object] = {}
+    for key, value in fields:
+        if key.endswith(TYPED):
+            import json
+
+            try:
+                values[key[: -len(TYPED)]] = json.loads(value)
+            except ValueError:
+                raise MessageError(f"field {key} is not JSON") from None
+        else:
+            values[key] = value
+    return values

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import difflib
 import logging
 import random
@@ -303,10 +304,11 @@ class Refresher:
                 else:
                     wake_at = min(wake_at, due)
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, wake_at - self.clock()))
-            except TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that comes
+            # as the wait ends (gh-86296), and the agent's stop would then wait on this loop.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, wake_at - self.clock())):
+                    await self._wake.wait()
 
     def _start(self, entry: Entry) -> None:
         entry.inflight = asyncio.get_running_loop().create_task(self._refresh(entry))

@@ -170,9 +170,7 @@ async def _settle(reply: Awaitable[bytes]) -> bytes:
 
 
 def error_reply(exc: MpagentError) -> bytes:
-    return protocol.encode(
-        ["error"], [(k, str(v)) for k, v in exc.to_wire().items() if v is not None]
-    )
+    return protocol.encode(["error"], protocol.details(exc.to_wire()))
 
 
 class Listener(typing.Protocol):

@@ -35,10 +35,10 @@ def cmd_unlock(args: argparse.Namespace) -> int:
         return 0
     for name in names:
         fields = _passwords_for(cfg.profile(name), args)
-        reply = dict(ask_agent(args, "unlock", [("profile", name), *fields]))
+        ask_agent(args, "unlock", [("profile", name), *fields])
         say(
-            f"profile {name} unlocked ({reply.get('password') or 'ready'}); the agent keeps the "
-            f"password in memory until it stops or `mpagent lock {name}`"
+            f"profile {name} unlocked; the agent keeps the password in memory until it stops "
+            f"or `mpagent lock {name}`"
         )
     return 0
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from mpagent import client, paths
 from mpagent.errors import AgentNotRunning
@@ -66,3 +68,8 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(interval)
+
+
+def status() -> dict[str, Any]:
+    """The running agent's status document, asked over its socket."""
+    return json.loads(dict(client.call(paths.socket_path(), "status"))["json"])

@@ -21,7 +21,7 @@ from mpagent import client, paths, pki
 from mpagent.emulator import Emulator
 from mpagent.errors import IssuerUnavailable
 
-from .agentproc import AgentProcess, wait_for
+from .agentproc import AgentProcess, status, wait_for
 from .conftest import CLIENT_ID, PASSWORD, SCOPES, profile_for, run_cli, write_config
 
 LIFETIME = 4
@@ -47,10 +47,6 @@ def agent(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
     proc = AgentProcess(config, tmp_path / "agent.log").wait_ready()
     yield proc
     proc.stop()
-
-
-def status() -> dict:
-    return json.loads(dict(client.call(paths.socket_path(), "status"))["json"])
 
 
 def token_count(emulator: Emulator) -> int:

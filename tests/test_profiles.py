@@ -4,7 +4,6 @@ other. Real agent processes, two emulators on loopback, the real CLI."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,10 +11,10 @@ from pathlib import Path
 import jwt
 import pytest
 
-from mpagent import client, paths, pki
+from mpagent import paths, pki
 from mpagent.emulator import Emulator
 
-from .agentproc import AgentProcess, wait_for
+from .agentproc import AgentProcess, status, wait_for
 from .conftest import CLIENT_ID, PASSWORD, SCOPES, profile_for, run_cli, write_config
 
 SCOPE = SCOPES[0]
@@ -67,10 +66,6 @@ def agent(two_profiles: Path, tmp_path: Path) -> Iterator[AgentProcess]:
     proc = AgentProcess(two_profiles, tmp_path / "agent.log").wait_ready()
     yield proc
     proc.stop()
-
-
-def status() -> dict:
-    return json.loads(dict(client.call(paths.socket_path(), "status"))["json"])
 
 
 def env_values() -> dict[str, str]:

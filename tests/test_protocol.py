@@ -1,12 +1,17 @@
-"""The wire protocol: round trips, malformed lines, and every error class across the socket."""
+"""The wire protocol: round trips, malformed lines, and every error class (with typed details)
+through the real error_reply and client decoding."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mpagent import errors, protocol
+from mpagent import client, errors, protocol, server
 
 keys = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
 words = st.text(alphabet="abcdefghijklmnopqrstuvwxyz/0123456789", min_size=1, max_size=12)
@@ -52,29 +57,81 @@ def test_repeated_fields() -> None:
     assert protocol.first(fields, "scope") == "a" and protocol.first(fields, "x") is None
 
 
-@pytest.mark.parametrize(
-    "cls",
-    [
-        errors.MpagentError,
-        errors.ConfigError,
-        errors.KeystoreError,
-        errors.SecretUnavailable,
-        errors.IssuerRejected,
-        errors.IssuerUnavailable,
-        errors.AgentNotRunning,
-        errors.AlreadyRunning,
-        errors.ProtocolError,
-    ],
-)
+def _hierarchy(cls: type[errors.MpagentError]) -> set[type[errors.MpagentError]]:
+    return {cls}.union(*(_hierarchy(sub) for sub in cls.__subclasses__()))
+
+
+def test_every_error_class_has_a_wire_kind() -> None:
+    """Every class in the hierarchy is in the kind table, so the other side rebuilds it."""
+    assert _hierarchy(errors.MpagentError) == set(errors._BY_KIND.values())
+    assert all(errors._BY_KIND[cls.kind] is cls for cls in _hierarchy(errors.MpagentError))
+
+
+DETAILS = {
+    "mp_code": "MP-200",
+    "text": 'a b%ø\n"[1]"',
+    "looks_typed": "true",
+    "aliases": ["a", "b"],
+    "connected": False,
+    "locked": True,
+    "status_code": 400,
+    "hint": None,
+}
+
+
+@pytest.mark.parametrize("cls", list(errors._BY_KIND.values()), ids=list(errors._BY_KIND))
 def test_every_error_class_survives_the_socket(cls: type[errors.MpagentError]) -> None:
-    """Each error class crosses the wire as the same class, message and exit code."""
-    exc = cls("what went wrong; what to do", mp_code="MP-200", error="invalid_scope")
-    line = protocol.encode(["error"], [(k, str(v)) for k, v in exc.to_wire().items()])
-    words, fields = protocol.decode(line)
-    back = errors.MpagentError.from_wire(dict(fields))
-    assert words == ["error"] and type(back) is cls
-    assert str(back) == str(exc) and back.exit_code == exc.exit_code
-    assert back.details == {"mp_code": "MP-200", "error": "invalid_scope"}
+    """Each error class crosses error_reply and the client as the same class, message,
+    exit code and details, each detail with its type (str, bool, int, list, None)."""
+    exc = cls("what went wrong; what to do", **DETAILS)
+    with pytest.raises(cls) as info:
+        client.parse_reply(server.error_reply(exc))
+    back = info.value
+    assert type(back) is cls and str(back) == str(exc) and back.exit_code == exc.exit_code
+    assert back.details == DETAILS
+    assert back.details["connected"] is False and back.details["status_code"] == 400
+
+
+def test_string_details_travel_as_plain_fields() -> None:
+    """An error whose details are all strings has no JSON on the line: the common case."""
+    line = server.error_reply(errors.IssuerRejected("refused", mp_code="MP-200"))
+    assert line == b"error mp_code=MP-200 kind=rejected message=refused\n"
+
+
+def test_typed_details_are_marked_json() -> None:
+    """A non-string detail travels as JSON under its key with :json appended."""
+    line = server.error_reply(errors.KeystoreError("x", aliases=["a", "b"], connected=False))
+    assert line == b'error aliases:json=["a","b"] connected:json=false kind=keystore message=x\n'
+
+
+def test_value_json_cannot_hold_arrives_as_text() -> None:
+    """A detail JSON cannot encode (a path) still arrives, as its text, not as a crash."""
+    with pytest.raises(errors.ConfigError) as info:
+        client.parse_reply(server.error_reply(errors.ConfigError("x", path=Path("/a b"))))
+    assert info.value.details == {"path": "/a b"}
+
+
+def test_bad_typed_detail_is_a_protocol_error() -> None:
+    """A :json field that is not JSON is a malformed reply, with the advice to restart."""
+    with pytest.raises(errors.ProtocolError, match=r"malformed reply .*a:json.*mpagent stop"):
+        client.parse_reply(b"error kind=config message=x a:json=nope\n")
+
+
+def test_string_errors_decode_without_json() -> None:
+    """The client imports json only for an error with a typed detail, never for plain ones."""
+    code = (
+        "import sys\n"
+        "from mpagent import client, errors\n"
+        "def parse(line):\n"
+        "    try: client.parse_reply(line)\n"
+        "    except errors.MpagentError as exc: return exc.details\n"
+        "assert parse(b'error mp_code=MP-200 kind=rejected message=x\\n') == {'mp_code': 'MP-200'}\n"
+        "assert 'json' not in sys.modules, 'json imported for string details'\n"
+        "assert parse(b'error locked:json=true kind=secret message=x\\n') == {'locked': True}\n"
+        "assert 'json' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_details_cannot_overwrite_kind_or_message() -> None:

@@ -4,7 +4,6 @@ agent's memory. Real agent processes, the real CLI, the emulator, real keystores
 
 from __future__ import annotations
 
-import json
 import os
 import pty
 import select
@@ -16,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from mpagent import client, paths, pki
+from mpagent import pki
 from mpagent.emulator import Emulator
 
-from .agentproc import wait_for
+from .agentproc import status, wait_for
 from .conftest import PASSWORD, SCOPES, profile_for, run_cli, write_config
 from .keystores import write_jks
 
@@ -40,10 +39,6 @@ def cli(
         check=False,
         env={**os.environ, **(env or {})},
     )
-
-
-def status() -> dict:
-    return json.loads(dict(client.call(paths.socket_path(), "status"))["json"])
 
 
 @pytest.fixture

@@ -7,11 +7,22 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 RESULTS = pytest.StashKey[dict[str, dict[str, Any]]]()
+HERE = Path(__file__).parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects, which is also this hook
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test in this directory is `reliability`: `pytest -m "not reliability"` is the fast
+    suite; plain `pytest` (the README's command, and CI's) runs both."""
+    for item in items:
+        if HERE in item.path.parents:
+            item.add_marker(pytest.mark.reliability)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ a clear error naming the file, and none wedges or crashes the agent."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from mpagent import client, paths, pki
+from mpagent import paths, pki
 from mpagent.emulator import Emulator
 
-from ..agentproc import AgentProcess, wait_for
+from ..agentproc import AgentProcess, status, wait_for
 from ..conftest import CLIENT_ID, PASSWORD, SCOPES, profile_for, run_cli, write_config
 
 LIFETIME = 2
@@ -27,10 +26,6 @@ LIFETIME = 2
 def emulator(ca: pki.Issued) -> Any:
     with Emulator(clients={CLIENT_ID: SCOPES}, trust=[ca.cert], token_lifetime=LIFETIME) as emu:
         yield emu
-
-
-def status() -> dict:
-    return json.loads(dict(client.call(paths.socket_path(), "status"))["json"])
 
 
 def timed_cli(*args: str, timeout: float = 20) -> tuple[subprocess.CompletedProcess[str], float]:

@@ -21,7 +21,7 @@ import pytest
 
 from mpagent import autostart, client, paths
 
-from ..agentproc import wait_for
+from ..agentproc import status, wait_for
 from ..conftest import PASSWORD, SCOPES, profile_for, run_cli, write_config
 from .harness import alive, proc_status
 
@@ -113,10 +113,6 @@ print(json.dumps({
     "agent environ": attempt(lambda: read(f"/proc/{agent_pid}/environ")),
 }))
 """
-
-
-def status() -> dict[str, Any]:
-    return json.loads(dict(client.call(paths.socket_path(), "status"))["json"])
 
 
 @pytest.fixture

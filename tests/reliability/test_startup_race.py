@@ -3,7 +3,6 @@ must start and every one of them must get its token."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from typing import Any
 
 from mpagent import autostart, client, paths
 
-from ..agentproc import wait_for
+from ..agentproc import status, wait_for
 from ..conftest import PASSWORD, SCOPES, profile_for, write_config
 from .harness import agent_pids, alive
 
@@ -28,10 +27,6 @@ while not os.path.exists(sys.argv[1]):
     time.sleep(0.002)
 sys.exit(cli.main(["get", sys.argv[2]]))
 """
-
-
-def status() -> dict[str, Any]:
-    return json.loads(dict(client.call(paths.socket_path(), "status"))["json"])
 
 
 def race(gun: Path) -> tuple[list[subprocess.CompletedProcess[str]], float]:
