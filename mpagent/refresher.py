@@ -177,6 +177,8 @@ class Refresher:
         self.on_change()
 
     def source(self, profile: str | None) -> Source:
+        if profile in self.sources:  # what choose_profile answers, without a list per `get`
+            return self.sources[profile]
         names = [*self.sources, *self.unusable]
         name = choose_profile(profile, self.default_profile, names, "the agent's configuration")
         if name in self.unusable:
