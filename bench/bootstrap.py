@@ -1,5 +1,6 @@
-"""The bench's own venv under /tmp: a current pip, and this repository installed
-non-editable from a copy of the work tree. Stdlib only.
+"""The bench's own venv under /tmp: a current pip, pipx and uv, and this repository built
+into a wheel (from a copy of the work tree) and installed from it, non-editable. Measurement
+6 installs the same wheel with the other installers. Stdlib only.
 
 Why a venv of its own: an editable install adds an import hook (a .pth file and a finder)
 that every `python` start pays for, and pip before 25 writes console-script wrappers that
@@ -17,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 DEFAULT_VENV = Path(tempfile.gettempdir()) / "mpagent-bench-venv"
+WHEEL_DIR = Path(tempfile.gettempdir()) / "mpagent-bench-wheel"
 SKIP = shutil.ignore_patterns(
     ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", ".venv"
 )
@@ -31,15 +33,22 @@ def prepare(repo: Path, venv: Path, *, fresh: bool) -> dict[str, str]:
         say(f"creating venv {venv}")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
-    say("pip install -U pip")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "-U", "pip"], check=True, env=env)
+    pip = [str(python), "-m", "pip"]
+    say("pip install -U pip pipx uv")
+    subprocess.run([*pip, "install", "-q", "-U", "pip", "pipx", "uv"], check=True, env=env)
+    shutil.rmtree(WHEEL_DIR, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix="mpagent-bench-src-") as tmp:
         src = Path(tmp) / "mpagent"
         shutil.copytree(repo, src, ignore=SKIP)
-        say(f"pip install {repo} (non-editable, from a copy)")
-        # pip always rebuilds and reinstalls a local directory, so an unchanged version number
-        # still picks up the work tree's current code.
-        subprocess.run([str(python), "-m", "pip", "install", "-q", str(src)], check=True, env=env)
+        say(f"pip wheel {repo} (from a copy)")
+        subprocess.run(
+            [*pip, "wheel", "-q", "--no-deps", "-w", str(WHEEL_DIR), str(src)], check=True, env=env
+        )
+    (wheel,) = WHEEL_DIR.glob("mpagent-*.whl")
+    say(f"pip install {wheel.name} (non-editable)")
+    # The version number does not change with the code: uninstall first, or pip keeps the old.
+    subprocess.run([*pip, "uninstall", "-q", "-y", "mpagent"], check=False, env=env)
+    subprocess.run([*pip, "install", "-q", str(wheel)], check=True, env=env)
     # Python 3.11's venv seeds setuptools, whose distutils-precedence.pth runs at every start;
     # 3.12+ venvs have none. Without it `python -c pass` is the leaner, stricter baseline.
     if any(venv.glob("lib/python*/site-packages/distutils-precedence.pth")):
@@ -53,8 +62,9 @@ def prepare(repo: Path, venv: Path, *, fresh: bool) -> dict[str, str]:
     return {
         "source": source_revision(repo),
         "venv": str(venv),
+        "wheel": str(wheel),
         "pip": pip_version,
-        "wrapper imports re": "yes" if "import re" in wrapper else "no",
+        "wrapper imports re": "yes" if "import re" in wrapper.splitlines() else "no",
     }
 
 

@@ -9,7 +9,9 @@
 5. Time from a refresh to the env file holding the new token. A separate process polls the
    file every 1 ms (stat for a new inode or mtime, then read it) and notes when each
    variable's value changes; that is compared with the emulator's issue time (same clock,
-   sub-millisecond) and with the agent's "refreshed" log line (millisecond stamps).
+   sub-millisecond) and with the agent's "refreshed" log line (millisecond stamps) that names
+   the same token (by its fingerprint: the agent rate-limits repeated log lines, so some
+   refreshes have no line, and those are left out of that row).
 """
 
 from __future__ import annotations
@@ -29,16 +31,17 @@ from stack import PROFILE, Stack, scope_names
 from sysinfo import cpu_seconds, median
 
 from mpagent.envfile import PREFIX, name_part
+from mpagent.tokens import fingerprint
 
 SOFT_LOW, SOFT_HIGH = 0.5, 0.6  # mpagent.tokens: SOFT_FRACTION, + SOFT_JITTER
-LOG_LINE = re.compile(r"^(\S+ \S+),(\d{3}) .* token (\S+) refreshed:")
+LOG_LINE = re.compile(r"^(\S+ \S+),(\d{3}) .* token (\S+) refreshed: (\S+),")
 
 
 def poll_env_file(path: str, names: list[str], stop: Event, out: Connection) -> None:
-    """Note (wall time, variable) whenever a variable's value in the env file changes."""
+    """Note (wall time, variable, value) whenever a variable's value in the env file changes."""
     last_id: tuple[int, int] | None = None
     values: dict[str, str] = {}
-    seen: list[tuple[float, str]] = []
+    seen: list[tuple[float, str, str]] = []
     wanted = set(names)
     while not stop.is_set():
         try:
@@ -54,7 +57,7 @@ def poll_env_file(path: str, names: list[str], stop: Event, out: Connection) -> 
                     name, _, value = line.rstrip("\n").partition("=")
                     if name in wanted and values.get(name) != value:
                         values[name] = value
-                        seen.append((now, name))
+                        seen.append((now, name, value))
         time.sleep(0.001)
     out.send(seen)
 
@@ -87,17 +90,16 @@ def get_load(path: str, scopes: list[str], stop: Event, out: Connection) -> None
     out.send((served, failed))
 
 
-def agent_refresh_times(log_text: str) -> dict[str, list[float]]:
-    """Scope → wall times of the agent's "token PROFILE:SCOPE refreshed" log lines."""
-    times: dict[str, list[float]] = {}
+def agent_refresh_times(log_text: str) -> dict[str, float]:
+    """Token fingerprint → wall time of the agent's "token PROFILE:SCOPE refreshed: FP" line."""
+    times: dict[str, float] = {}
     for line in log_text.splitlines():
         m = LOG_LINE.match(line)
         if m:
             stamp = (
                 time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1e3
             )
-            scope = m.group(3).partition(":")[2]
-            times.setdefault(scope, []).append(stamp)
+            times[m.group(4)] = stamp
     return times
 
 
@@ -171,13 +173,13 @@ def measure(bin_dir: Path, *, key_count: int, lifetime: int, seconds: float) -> 
     # 5: every change of a variable after its first appearance is a refresh reaching the file.
     first_seen: set[str] = set()
     from_issue, from_log = [], []
-    for t, name in seen:
+    for t, name, value in seen:
         if name not in first_seen:
             first_seen.add(name)
             continue
         scope = names[name]
         issue = latest_before(issued[scope], t)
-        line = latest_before(logged.get(scope, []), t)
+        line = logged.get(fingerprint(value))
         if issue is not None:
             from_issue.append(t - issue)
         if line is not None:

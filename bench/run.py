@@ -28,10 +28,15 @@ INSIDE = "MPAGENT_BENCH_SETUP"  # set (to the venv's description) in the re-run 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="1,2,3,4,5", help="measurements to run (3 and 5 share a run)")
+    p.add_argument(
+        "--only", default="1,2,3,4,5,6", help="measurements to run (3 and 5 share a run)"
+    )
     p.add_argument("--quick", action="store_true", help="short windows everywhere (~2 min)")
     p.add_argument("--runs", type=int, default=200, help="1: paired runs of get and python")
     p.add_argument("--no-agent-runs", type=int, default=20, help="1: paired runs of --no-agent")
+    p.add_argument(
+        "--installer-runs", type=int, default=200, help="6: paired runs per installer and verb"
+    )
     p.add_argument("--clients", default="1,16,64", help="2: concurrency levels")
     p.add_argument("--load-seconds", type=float, default=5.0, help="2: window per level")
     p.add_argument("--refresh-seconds", type=float, default=40.0, help="3/5: run length")
@@ -54,6 +59,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.set_defaults(
             runs=50,
             no_agent_runs=5,
+            installer_runs=50,
             load_seconds=2.0,
             refresh_seconds=20.0,
             idle_seconds=10.0,
@@ -97,13 +103,17 @@ def inside(argv: list[str]) -> int:
     info = sysinfo.machine(str(bin_dir / "python"))
     hf = sysinfo.hyperfine_version()
     info["pip (bench venv)"] = (
-        f"{setup['pip']}; console-script wrapper imports re: {setup['wrapper imports re']}"
-        " (pip < 25 wrappers do, ~6 ms per start)"
+        f"{setup['pip']}; its mpagent command imports re: {setup['wrapper imports re']}"
+        " (pip < 25's generated wrappers do, ~6 ms per start; mpagent ships its own launcher)"
     )
     info["mpagent source"] = setup["source"]
     info["install"] = (
         "non-editable into the venv (editable installs add an import hook); venv's setuptools"
         " removed (its .pth runs at every start)"
+    )
+    info["bytecode"] = (
+        f"PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '(unset)')} here;"
+        " measurement 6 runs without it, as a user's shell does"
     )
     info["hyperfine"] = (
         f"{hf} (cross-check only)" if hf else "not installed (apt-get install hyperfine)"
@@ -180,6 +190,18 @@ def inside(argv: list[str]) -> int:
         targets += t
     if 5 in only:
         text, t = table.envfile_section(results["3_5_refreshes"])
+        sections.append(text)
+        targets += t
+    if 6 in only:
+        import installers
+
+        r = run(
+            6,
+            "get and env per installer",
+            lambda: installers.measure(bin_dir, Path(setup["wheel"]), runs=args.installer_runs),
+        )
+        results["6_installers"] = r
+        text, t = table.installers_section(r)
         sections.append(text)
         targets += t
 

@@ -21,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mpagent import pki
-from mpagent.emulator import Emulator
+from mpagent.emulator import Emulator, pki
 
 CLIENT_ID = "0b8f3a52-8c0e-4d7a-9a4e-5f1f2d6c7e90"
 PROFILE = "bench"
@@ -58,7 +57,8 @@ class Stack:
         run.mkdir(mode=0o700)
         password = secrets.token_urlsafe(16)
         ca = pki.make_ca()
-        keystore = pki.write_pkcs12(conf / "virksomhet.p12", pki.make_leaf(ca), ca, password)
+        leaf = {"auth": pki.make_leaf(ca)}
+        keystore = pki.write_pkcs12(conf / "virksomhet.p12", leaf, password, [ca.cert])
         self.issue_log = IssueLog()
         emulator_log = logging.getLogger("mpagent.emulator")
         emulator_log.setLevel(logging.INFO)

@@ -241,5 +241,50 @@ def envfile_section(r: dict) -> tuple[str, list[list[str]]]:
     return text, targets
 
 
+def installers_section(rows: list[dict]) -> tuple[str, list[list[str]]]:
+    """Measurement 6: per installer, cached get and env against python -c pass on the
+    interpreter (and flags) of that installer's command."""
+    limits = {"get": 1.2, "env": 1.3}
+    table_rows, targets = [], []
+    for r in rows:
+        get, env = r["get"], r["env"]
+        table_rows.append(
+            [
+                r["installer"],
+                r["version"],
+                r["launcher"],
+                "yes" if r["imports re"] else "no",
+                ms(get.get("python_ms", env.get("python_ms"))),
+                ms(get.get("command_ms")),
+                f"{get['ratio']:.2f}x" if "ratio" in get else "failed",
+                ms(env.get("command_ms")),
+                f"{env['ratio']:.2f}x" if "ratio" in env else "failed",
+            ]
+        )
+        for verb, m in (("get", get), ("env", env)):
+            ratio = m.get("ratio")
+            targets.append(
+                [
+                    "6",
+                    f"{verb} ÷ python -c pass: {r['installer']}",
+                    "failed" if ratio is None else f"{ratio:.2f}x",
+                    f"≤ {limits[verb]}x",
+                    met(ratio is not None and ratio <= limits[verb]),
+                ]
+            )
+    runs = max((m.get("n", 0) for r in rows for m in (r["get"], r["env"])), default=0)
+    failures = [f"{r['installer']} {v}: {r[v]['error']}" for r in rows for v in ("get", "env")
+                if "error" in r[v]]  # fmt: skip
+    headers = ["installer", "version", "launcher", "imports re", "python -c pass", "get",
+               "get ÷ python", "env", "env ÷ python"]  # fmt: skip
+    text = (
+        f"6. cached get and env per installer ({runs} paired runs per verb; medians; ÷ is the"
+        " median of per-pair ratios; python -c pass on each command's interpreter and flags)\n"
+        + grid(headers, table_rows)
+        + "".join(f"\n  {line}" for line in failures)
+    )
+    return text, targets
+
+
 def targets_section(rows: list[list[str]]) -> str:
     return "targets\n" + grid(["#", "figure", "measured", "target", "verdict"], rows, left=5)

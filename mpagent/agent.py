@@ -2,40 +2,38 @@
 
 The event loop serves clients and schedules refreshes; key loading, keyring look-ups and the
 env file run on a single I/O thread, token requests on a small pool. Signal handlers only
-schedule work on the loop.
+schedule work on the loop. The wall clock is injected (`clock`), as the refresher's is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mpagent import __version__, config, envfile, paths, protocol, server
-from mpagent.config import Config
+from mpagent import __version__, config, envfile, logs, paths, protocol, server, systemd
+from mpagent.config import Config, Profile
 from mpagent.errors import AlreadyRunning, ConfigError, MpagentError, ProtocolError
 from mpagent.exchange import open_exchange
 from mpagent.keys import certificate_warning
 from mpagent.passwords import ProfilePasswords
-from mpagent.private import ensure_private_dir, try_lock
+from mpagent.private import ensure_private_dir, remove_leftovers, try_lock, write_atomic
 from mpagent.refresher import Refresher, Source
+from mpagent.tokens import scope_string
 
 log = logging.getLogger("mpagent")
 
 RELOAD_DEBOUNCE = 0.3
-SD_LISTEN_FDS_START = 3
 DRAIN_TIMEOUT = 10.0
-QUEUED_CLIENTS_WAIT = 0.5
 
 
 @dataclass
@@ -93,11 +91,13 @@ def load_sources(
 
 
 class Agent:
-    def __init__(self, cfg: Config, config_path: str | None) -> None:
-        self.cfg, self.config_path = cfg, config_path
+    def __init__(
+        self, cfg: Config, config_path: str | None, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.cfg, self.config_path, self.clock = cfg, config_path, clock
         self.socket_path = Path(paths.socket_path())
         self.env_path = cfg.agent.env_file or Path(paths.default_env_file())
-        self.started = time.time()
+        self.started = clock()
         self.reload_error: MpagentError | None = None
         self.problems: dict[str, str] = {}
         self.passwords: dict[str, str] = {}
@@ -108,7 +108,10 @@ class Agent:
         self.fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mpagent-fetch")
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpagent-io")
         self.refresher = Refresher(
-            self.fetch_pool, idle_timeout=cfg.agent.idle_timeout, on_change=self._env_changed
+            self.fetch_pool,
+            idle_timeout=cfg.agent.idle_timeout,
+            on_change=self._env_changed,
+            clock=clock,
         )
         self._env_written: str | None = None
         self.env_error: str | None = None  # the last env-file write failure, for `status`
@@ -137,9 +140,9 @@ class Agent:
             log.info(
                 "mpagent %s serving on %s (pid %d)", __version__, self.socket_path, os.getpid()
             )
-            notify("READY=1")
+            systemd.notify("READY=1")
             await self.stopping.wait()
-            notify("STOPPING=1")
+            systemd.notify("STOPPING=1")
             log.info("stopping")
             listener.close()
             if bridge_server is not None:
@@ -159,10 +162,10 @@ class Agent:
 
     def _open_listener(self) -> server.Listener:
         if sys.platform == "win32":
-            from mpagent import winpipe
+            from mpagent import pipeserver
 
-            return winpipe.PipeListener(str(self.socket_path))
-        sock = inherited_listener()
+            return pipeserver.PipeListener(str(self.socket_path))
+        sock = systemd.inherited_listener()
         if sock is None:
             return server.UnixListener(server.bind_private(self.socket_path), owned=True)
         self.socket_path = Path(sock.getsockname())
@@ -171,8 +174,9 @@ class Agent:
 
     async def _drain(self, listener: server.Listener) -> None:
         """Let requests in flight finish (a refresh they wait for is bounded by HTTP timeouts)."""
-        deadline = time.monotonic() + DRAIN_TIMEOUT
-        while listener.busy() and time.monotonic() < deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT  # the loop's monotonic clock: a wait, not a date
+        while listener.busy() and loop.time() < deadline:
             await asyncio.sleep(0.02)
 
     async def _start_bridge(self) -> Any:
@@ -216,8 +220,10 @@ class Agent:
         verb = words[0] if len(words) == 1 else None
         if verb == "get":
             return self._get(fields)
+        if verb == "env":
+            return self._env(fields)
         if verb == "status":
-            return protocol.encode(["ok"], [("json", json.dumps(self.status()))])
+            return server.json_reply(self.status())
         if verb == "reload":
             return self._reload_reply()
         if verb == "refresh":
@@ -228,10 +234,10 @@ class Agent:
             return self._lock_profiles(protocol.every(fields, "profile"))
         if verb == "stop":
             self.stopping.set()
-            return protocol.encode(["ok"], [("pid", str(os.getpid()))])
+            return server.ok_reply([("pid", str(os.getpid()))])
         raise ProtocolError(
             f"unknown request {' '.join(words)!r}; "
-            "this agent knows get, status, reload, refresh, stop"
+            "this agent knows get, env, status, reload, refresh, stop"
         )
 
     def _get(self, fields: protocol.Fields) -> bytes | Any:
@@ -242,14 +248,53 @@ class Agent:
         min_ttl = _float(protocol.first(fields, "min_ttl"), "min_ttl")
         token = self.refresher.cached(profile, scopes, min_ttl)
         if token is not None:
-            return _token_reply(token, self._warnings(profile))
+            return server.token_reply(token, self._warnings(profile))
         return self._get_slow(profile, scopes, min_ttl)
 
     async def _get_slow(
         self, profile: str | None, scopes: list[str], min_ttl: float | None
     ) -> bytes:
         token = await self.refresher.get(profile, scopes, min_ttl)
-        return _token_reply(token, self._warnings(profile))
+        return server.token_reply(token, self._warnings(profile))
+
+    def _env(self, fields: protocol.Fields) -> bytes | Any:
+        """`mpagent env` and `exec`: a fresh token for each scope asked for, else for each the
+        profile configures, as name/value pairs under the env file's names."""
+        source = self.refresher.source(protocol.first(fields, "profile"))
+        profile = source.profile
+        scopes = protocol.every(fields, "scope") or list(profile.scopes)
+        min_ttl = _float(protocol.first(fields, "min_ttl"), "min_ttl")
+        cached = [self.refresher.cached(profile.name, [scope], min_ttl) for scope in scopes]
+        if all(token is not None for token in cached):
+            return self._env_reply(profile, scopes, cached)
+        return self._env_slow(profile, scopes, min_ttl)
+
+    async def _env_slow(self, profile: Profile, scopes: list[str], min_ttl: float | None) -> bytes:
+        """The tokens are fetched side by side; the first scope (in request order) that
+        fails fails the request with its error, as `get` for it would."""
+        fetched = await asyncio.gather(
+            *(self.refresher.get(profile.name, [scope], min_ttl) for scope in scopes),
+            return_exceptions=True,
+        )
+        for result in fetched:
+            if isinstance(result, BaseException):
+                raise result
+        return self._env_reply(profile, scopes, fetched)
+
+    def _env_reply(self, profile: Profile, scopes: list[str], tokens: list[Any]) -> bytes:
+        """NAME and NAME_EXPIRES_AT (integer epoch seconds) for each token, as in the env file."""
+        short = profile.name == self.cfg.default_name
+        variables: dict[str, str] = {}  # a name two scopes share once, as in a shell
+        for scope, token in zip(scopes, tokens, strict=True):
+            scope_set = scope_string([scope])
+            for name in envfile.variable_names(
+                profile.name, scope_set, profile.env_names, short=short
+            ):
+                variables[name] = token.access_token
+                variables[name + "_EXPIRES_AT"] = str(int(token.expires_at))
+        pairs = [f for n, v in variables.items() for f in (("name", n), ("value", v))]
+        warnings = [("warning", w) for w in self._warnings(profile.name)]
+        return server.ok_reply([*pairs, *warnings])
 
     def _warnings(self, profile: str | None) -> tuple[str, ...]:
         """A profile's key warnings (e.g. a nonRepudiation-only certificate), carried by its
@@ -264,7 +309,7 @@ class Agent:
 
     async def _reload_reply(self) -> bytes:
         await self.reload("requested")
-        return protocol.encode(["ok"], [("json", json.dumps({"unusable": self.problems}))])
+        return server.json_reply({"unusable": self.problems})
 
     async def _unlock(self, fields: protocol.Fields) -> bytes:
         """`mpagent unlock`: passwords the client checked against the keystore, kept in this
@@ -280,7 +325,7 @@ class Agent:
         if name in self.problems:
             self.unlocked.pop(name, None)
             raise ConfigError(f"profile {name} is still unusable: {self.problems[name]}")
-        return protocol.encode(["ok"], [])
+        return server.ok_reply()
 
     async def _lock_profiles(self, names: list[str]) -> bytes:
         """`mpagent lock [PROFILE...]`: forget passwords given by unlock (all, without names);
@@ -288,7 +333,7 @@ class Agent:
         forgotten = [n for n in (names or list(self.unlocked)) if self.unlocked.pop(n, None)]
         if forgotten:
             await self.reload(f"locked {', '.join(forgotten)}", forget=set(forgotten))
-        return protocol.encode(["ok"], [("locked", name) for name in forgotten])
+        return server.ok_reply([("locked", name) for name in forgotten])
 
     async def _refresh_reply(self, profile: str | None) -> bytes:
         entries = await self.refresher.refresh_now(profile)
@@ -301,13 +346,13 @@ class Agent:
             }
             for e in entries
         ]
-        return protocol.encode(["ok"], [("json", json.dumps(results))])
+        return server.json_reply(results)
 
     def status(self) -> dict[str, Any]:
         return {
             "version": __version__,
             "pid": os.getpid(),
-            "uptime": time.time() - self.started,
+            "uptime": self.clock() - self.started,
             "socket": str(self.socket_path),
             "env_file": str(self.env_path),
             "env_file_error": self.env_error,
@@ -318,7 +363,7 @@ class Agent:
             "warnings": {
                 name: warning
                 for name, s in self.refresher.sources.items()
-                if s.exchange and (warning := certificate_warning(s.exchange.key, time.time()))
+                if s.exchange and (warning := certificate_warning(s.exchange.key, self.clock()))
             },
             "tokens": self.refresher.status(),
             "bridge": self.bridge.status() if self.bridge is not None else None,
@@ -388,16 +433,16 @@ class Agent:
         """Before the first write: remove temp files a killed agent left (they hold tokens),
         and the expired tokens of its env file. Its valid ones stay until ours replace them:
         tools keep working while this agent fetches, even with the issuer down."""
-        envfile.remove_leftovers(self.env_path)
+        remove_leftovers(self.env_path)
         try:
             old = self.env_path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             return
-        valid = envfile.unexpired(old, time.time())
+        valid = envfile.unexpired(old, self.clock())
         if valid == old:
             return
         try:
-            envfile.write_atomic(self.env_path, valid)
+            write_atomic(self.env_path, valid)
         except OSError as exc:
             self.env_error = f"cannot write {self.env_path}: {exc.strerror or exc}"
             log.error("cannot remove expired tokens from %s: %s", self.env_path, exc)
@@ -413,25 +458,32 @@ class Agent:
         loop = asyncio.get_running_loop()
         while self._env_dirty:
             self._env_dirty = False
-            tokens = self._env_tokens()
-            content = envfile.render(tokens)
-            if content == self._env_written or (not tokens and self._env_written is None):
-                continue  # nothing new; and a crashed agent's file keeps its tokens until ours
             try:
-                await loop.run_in_executor(self.io, envfile.write_atomic, self.env_path, content)
+                tokens = self._env_tokens()
+                content = envfile.render(tokens)
+                if content == self._env_written or (not tokens and self._env_written is None):
+                    continue  # nothing new; and a crashed agent's file keeps its tokens until ours
+                await loop.run_in_executor(self.io, write_atomic, self.env_path, content)
                 self._env_written, self.env_error = content, None
                 log.debug("env file %s updated", self.env_path)
             except OSError as exc:
                 self.env_error = f"cannot write {self.env_path}: {exc.strerror or exc}"
                 log.error("cannot write the env file %s: %s", self.env_path, exc)
+            except Exception as exc:  # a bug: said, and the next change tries again
+                # Its type only: what is being written is tokens.
+                self.env_error = f"cannot write {self.env_path}: {type(exc).__name__}"
+                log.error(
+                    "cannot write the env file %s: unexpected %s", self.env_path, type(exc).__name__
+                )
 
     async def _finish_env(self) -> None:
+        """The last write, if one is under way, ends before the agent removes the file
+        (the writer reports its own failures)."""
         if self._env_task is not None:
-            with contextlib.suppress(Exception):
-                await self._env_task
+            await self._env_task
 
     def _env_tokens(self) -> list[tuple[str, str, float]]:
-        now = time.time()
+        now = self.clock()
         default = self.cfg.default_name
         out: list[tuple[str, str, float]] = []
         for entry in self.refresher.entries.values():
@@ -442,19 +494,6 @@ class Agent:
                 )
                 out.extend((name, token.access_token, token.expires_at) for name in names)
         return out
-
-
-def _token_reply(token: Any, warnings: tuple[str, ...] = ()) -> bytes:
-    return protocol.encode(
-        ["ok"],
-        [
-            ("token", token.access_token),
-            ("expires_at", f"{token.expires_at:.3f}"),
-            ("scope", token.scope),
-            ("token_type", token.token_type),
-            *(("warning", w) for w in warnings),
-        ],
-    )
 
 
 def _float(value: str | None, name: str) -> float | None:
@@ -469,107 +508,17 @@ def _float(value: str | None, name: str) -> float | None:
     return number
 
 
-class PlainFormatter(logging.Formatter):
-    """Log records with text from outside (an issuer's error_description, a client's scope)
-    escaped as on stderr: a record is one line, so nothing can forge another, and no ESC
-    sequence reaches the terminal that shows the log. A traceback keeps its line breaks."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        return self._escape(super().formatMessage(record))
-
-    def formatException(self, ei: Any) -> str:
-        return "\n".join(map(self._escape, super().formatException(ei).split("\n")))
-
-    def formatStack(self, stack_info: str) -> str:
-        return "\n".join(map(self._escape, super().formatStack(stack_info).split("\n")))
-
-    @staticmethod
-    def _escape(text: str) -> str:
-        from mpagent.cli import printable  # the one escaping rule; cli is loaded already
-
-        return printable(text)
-
-
-PLAIN = PlainFormatter("%(asctime)s mpagent[%(process)d] %(levelname)s %(message)s")
-
-
-class JournalFormatter(PlainFormatter):
-    """Under systemd: journald adds time and pid itself; a <N> prefix gives the priority,
-    so `journalctl -p err` finds errors."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return f"<{_PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
-
-
-_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
-
-
-def inherited_listener() -> socket.socket | None:
-    """sd_listen_fds(3): a listening socket passed as fd 3, if LISTEN_PID names us."""
-    pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS", "0")
-    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(name, None)  # not for our children
-    if pid != str(os.getpid()) or not count.isdigit() or int(count) < 1:
-        return None
-    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        raise MpagentError("the socket passed by the service manager is not a Unix stream socket")
-    sock.set_inheritable(False)
-    return sock
-
-
-def refuse_queued_clients(exc: MpagentError) -> None:
-    """Under socket activation the clients that made systemd start us wait in the inherited
-    socket's queue; answer them with the error at once instead of leaving them to time out.
-    (With RestartPreventExitStatus=78 the next `get` starts us again and gets the same.)"""
-    sock = inherited_listener()
-    if sock is None:
-        return
-    sock.settimeout(QUEUED_CLIENTS_WAIT)
-    with sock:
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:  # nobody else is waiting
-                return
-            with conn:
-                if server.peer_uid(conn) != os.getuid():
-                    continue
-                conn.settimeout(QUEUED_CLIENTS_WAIT)
-                with contextlib.suppress(OSError):
-                    conn.recv(protocol.MAX_REQUEST)
-                    conn.sendall(server.error_reply(exc))
-
-
-def notify(message: str) -> None:
-    """sd_notify(3): tell systemd about our state when it asked (NOTIFY_SOCKET)."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
-        sock.sendto(message.encode(), address)
-
-
 def run(config_path: str | None) -> int:
     """`mpagent agent`: load the configuration (exit 78 if it is wrong), then serve."""
-    from mpagent.logs import RateLimit
-
     try:
         cfg = config.load(config_path)
     except ConfigError as exc:
-        refuse_queued_clients(exc)
+        systemd.refuse_queued_clients(exc)
         raise
-    handler = logging.StreamHandler()
-    handler.setFormatter(JournalFormatter() if os.environ.get("JOURNAL_STREAM") else PLAIN)
-    handler.addFilter(RateLimit())  # a flood of one failure is counted, not written
-    logging.basicConfig(
-        level=os.environ.get("MPAGENT_LOG_LEVEL", cfg.agent.log_level).upper(), handlers=[handler]
+    logs.setup(
+        os.environ.get("MPAGENT_LOG_LEVEL", cfg.agent.log_level),
+        journal=bool(os.environ.get("JOURNAL_STREAM")),
     )
-    # watchdog logs every event at debug level; a log file in a watched directory would then
-    # feed itself forever.
-    logging.getLogger("watchdog").setLevel(logging.INFO)
     limit = server.raise_open_files_limit()
     log.debug("open-files limit %d, so at most %d clients", limit, server.connection_cap(limit))
     return asyncio.run(Agent(cfg, config_path).run())

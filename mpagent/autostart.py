@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mpagent import client, paths, service
+from mpagent import client, paths, private, service
 from mpagent.errors import EX_CONFIG, AgentNotRunning, ConfigError
-from mpagent.private import ensure_private_dir, open_private, try_lock
 
 START_TIMEOUT = 15.0
 
@@ -43,9 +42,11 @@ def ensure_agent(socket_path: str, config_path: str | None, timeout: float = STA
         _wait_for_service(manager, socket_path, time.monotonic() + timeout)
         return
     lock_path = Path(paths.start_lock_file())
-    ensure_private_dir(lock_path.parent)
+    private.ensure_private_dir(lock_path.parent)
     deadline = time.monotonic() + timeout
-    lock = _lock(lock_path, deadline)
+    lock = private.lock(lock_path, deadline)
+    if lock is None:
+        raise AgentNotRunning("timed out waiting for another client to start the agent")
     try:
         if answers(socket_path):
             return  # another client started it while we waited for the lock
@@ -73,20 +74,10 @@ def _wait_for_service(manager: service.Manager, socket_path: str, deadline: floa
     raise AgentNotRunning(hint)
 
 
-def _lock(path: Path, deadline: float) -> int:
-    while True:
-        fd = try_lock(path)
-        if fd is not None:
-            return fd
-        if time.monotonic() > deadline:
-            raise AgentNotRunning("timed out waiting for another client to start the agent")
-        time.sleep(0.02)
-
-
 def _spawn_and_wait(socket_path: str, config_path: str | None, deadline: float) -> None:
     log = log_path()
-    ensure_private_dir(log.parent)
-    log_fd = open_private(log)
+    private.ensure_private_dir(log.parent)
+    log_fd = private.open_private(log)
     command = [sys.executable, "-m", "mpagent"]
     if config_path:
         command += ["--config", config_path]

@@ -26,9 +26,9 @@ if TYPE_CHECKING:
 def connect(address: str, timeout: float) -> "Channel":
     """A connected channel to the agent: a Unix socket, or a named pipe on Windows."""
     if sys.platform == "win32":
-        from mpagent import winpipe
+        from mpagent import pipeclient
 
-        return winpipe.connect(address, timeout)
+        return pipeclient.connect(address, timeout)
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -73,7 +73,9 @@ def call(
     channel = connect(address, timeout)
     try:
         channel.sendall(protocol.encode([protocol.VERSION, verb], fields or []))
-        line = _read_line(channel)
+        line = protocol.read_line(channel.recv, protocol.MAX_REPLY)
+    except protocol.MessageError:
+        raise ProtocolError("the agent's reply is larger than the protocol allows") from None
     except TimeoutError:
         raise AgentNotRunning(
             f"the agent at {address} did not answer within {timeout:g} s", connected=True
@@ -84,6 +86,11 @@ def call(
         ) from None
     finally:
         channel.close()
+    if not line.endswith(b"\n"):  # a reply cut short must not pass for a shorter one
+        raise ProtocolError(
+            f"the agent at {address} closed the connection before its reply was complete; "
+            "see its log, and restart it with `mpagent stop` if this persists"
+        )
     return parse_reply(line)
 
 
@@ -102,19 +109,3 @@ def parse_reply(line: bytes) -> Reply:
     raise ProtocolError(
         f"the agent sent an unknown reply {words[:1]}; is it another mpagent version?"
     )
-
-
-def _read_line(sock: "Channel") -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-        if chunk.endswith(b"\n"):
-            break
-        if size > protocol.MAX_REPLY:
-            raise ProtocolError("the agent's reply is larger than the protocol allows")
-    return b"".join(chunks)

@@ -9,7 +9,7 @@ import json
 import os
 import shlex
 import tomllib
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from mpagent import envfile, paths
 from mpagent.errors import ConfigError
 from mpagent.private import read_regular
+from mpagent.tokens import scope_string
 
 ENVIRONMENTS = {"test": "https://test.maskinporten.no/", "prod": "https://maskinporten.no/"}
 ALGORITHMS = ("RS256", "RS384", "RS512")
@@ -151,11 +152,6 @@ def choose_profile(
             f"{hint}"
         )
     return chosen
-
-
-def scope_string(scopes: Iterable[str]) -> str:
-    """The canonical scope set: split on spaces, de-duplicated, sorted."""
-    return " ".join(sorted({s for entry in scopes for s in entry.split()}))
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:

@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from mpagent import pki
-from mpagent.emulator import Emulator
+from mpagent.emulator import Emulator, pki
 
 CLIENT_ID = "0b8f3a52-8c0e-4d7a-9a4e-5f1f2d6c7e90"
 SCOPE = "idporten:dcr.read"
@@ -41,7 +40,8 @@ def _run(work: Path, out: TextIO) -> int:
     os.chmod(work, 0o700)
     password = secrets.token_urlsafe(16)
     ca = pki.make_ca()
-    keystore = pki.write_pkcs12(work / "virksomhet.p12", pki.make_leaf(ca), ca, password)
+    leaf = {"auth": pki.make_leaf(ca)}
+    keystore = pki.write_pkcs12(work / "virksomhet.p12", leaf, password, [ca.cert])
     with Emulator(clients={CLIENT_ID: [SCOPE]}, trust=[ca.cert], token_lifetime=LIFETIME) as emu:
         config = work / "config.toml"
         env_file = work / "tokens.env"

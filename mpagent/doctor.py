@@ -312,7 +312,7 @@ def _certificate_checks(profile: Profile, key: SigningKey | None) -> list[Result
 
 def render(results: Sequence[Result]) -> str:
     """One line per check; text from outside (an issuer's error_description) is escaped."""
-    from mpagent.cli import printable
+    from mpagent.console import printable
 
     lines = []
     for r in results:
@@ -331,7 +331,7 @@ def exit_status(results: Sequence[Result]) -> int:
 
 
 def main(args: Any, out: TextIO) -> int:
-    from mpagent.cli import profile_name
+    from mpagent.ask import profile_name
 
     results = run(args.config, profile_name(args), args.no_token)
     results += check_bridge(args.config)

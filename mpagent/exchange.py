@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterable
 from mpagent import grant
 from mpagent.config import Config, Profile
 from mpagent.errors import IssuerRejected, MpagentError
-from mpagent.issuer import Issuer, Token, fingerprint, hint_for
+from mpagent.issuer import Issuer, hint_for
 from mpagent.keys import Passwords, SigningKey, load_signing_key, usage_cause
 from mpagent.passwords import ProfilePasswords
+from mpagent.tokens import Token, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def load_key(
             strict=strict,
         )
     except MpagentError as exc:
-        # keys.py knows files, not profiles: a password error says again which source it
+        # mpagent.keys knows files, not profiles: a password error says again which source it
         # used, and the other hints name the profile.
         explained = passwords.explain(exc) if isinstance(passwords, ProfilePasswords) else None
         if explained is not None:

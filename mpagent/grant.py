@@ -10,8 +10,8 @@ from typing import Any
 
 import jwt
 
-from mpagent.config import scope_string
 from mpagent.keys import SigningKey
+from mpagent.tokens import scope_string
 
 # Maskinporten refuses exp - iat > 120; both come from one clock reading, so it is exact.
 GRANT_LIFETIME = 120

@@ -33,6 +33,7 @@ import urllib3.exceptions
 
 from mpagent.config import ENVIRONMENTS, is_loopback
 from mpagent.errors import IssuerRejected, IssuerUnavailable
+from mpagent.tokens import Token
 
 log = logging.getLogger(__name__)
 E = TypeVar("E", bound=BaseException)
@@ -57,27 +58,6 @@ _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 class Endpoints:
     issuer: str  # the grant's `aud`
     token_endpoint: str
-
-
-@dataclass(frozen=True, repr=False)
-class Token:
-    access_token: str
-    token_type: str
-    scope: str
-    requested_at: float  # wall clock, read before the request was sent
-    expires_at: float  # requested_at + expires_in: absolute
-
-    @property
-    def lifetime(self) -> float:
-        return self.expires_at - self.requested_at
-
-    def __repr__(self) -> str:
-        return f"Token(scope={self.scope!r}, expires_at={self.expires_at:.0f}, fp={fingerprint(self.access_token)})"
-
-
-def fingerprint(secret: str) -> str:
-    """What logs show instead of a token: its length and last four characters."""
-    return f"…{secret[-4:]}({len(secret)})"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Repeated log lines counted instead of written: a flood of one failure (a client in a loop,
-no file descriptors left) must not grow the log by a line, or a traceback, each time."""
+"""The agent's log: one escaped line per record, priorities for journald, and repeated lines
+counted instead of written: a flood of one failure (a client in a loop, no file descriptors
+left) must not grow the log by a line, or a traceback, each time."""
 
 from __future__ import annotations
 
@@ -9,10 +10,57 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from mpagent.console import printable
+
 WINDOW = 60.0  # seconds
 BURST = 10  # lines of one kind written per window; the rest are counted
 SWEEP = 1.0  # how often, at most, ended windows are looked for (seconds)
 _SUMMARY = "mpagent_summary"  # marks the filter's own lines, which always pass
+
+
+def setup(level: str, *, journal: bool) -> None:
+    """The agent's logging: stderr, in the journal's format under systemd (`journal`: its
+    JOURNAL_STREAM is set), else with time and pid; floods counted by RateLimit."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JournalFormatter() if journal else PLAIN)
+    handler.addFilter(RateLimit())  # a flood of one failure is counted, not written
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+    # watchdog logs every event at debug level; a log file in a watched directory would then
+    # feed itself forever.
+    logging.getLogger("watchdog").setLevel(logging.INFO)
+
+
+class PlainFormatter(logging.Formatter):
+    """Log records with text from outside (an issuer's error_description, a client's scope)
+    escaped as on stderr: a record is one line, so nothing can forge another, and no ESC
+    sequence reaches the terminal that shows the log. A traceback keeps its line breaks."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return self._escape(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return "\n".join(map(self._escape, super().formatException(ei).split("\n")))
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join(map(self._escape, super().formatStack(stack_info).split("\n")))
+
+    @staticmethod
+    def _escape(text: str) -> str:
+        return printable(text)  # the one escaping rule, as on stderr
+
+
+PLAIN = PlainFormatter("%(asctime)s mpagent[%(process)d] %(levelname)s %(message)s")
+
+
+class JournalFormatter(PlainFormatter):
+    """Under systemd: journald adds time and pid itself; a <N> prefix gives the priority,
+    so `journalctl -p err` finds errors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
+
+
+_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 
 
 @dataclass

@@ -73,6 +73,15 @@ def alternatives(profile: str) -> str:
     )
 
 
+def without_keyring(exc: SecretUnavailable, profile: str) -> SecretUnavailable:
+    """A keyring failure again, with the ways this profile's password can come instead."""
+    action, reason = exc.details.get("action", "use"), exc.details.get("reason", exc.message)
+    return SecretUnavailable(
+        f"cannot {action} passwords in the OS keyring: {reason}. {alternatives(profile)}",
+        check="no_keyring",
+    )
+
+
 def keyring_username(profile: str, which: str) -> str:
     """`which` is "keystore" or "key"."""
     return f"{profile}/{which}"
@@ -330,7 +339,7 @@ class ProfilePasswords:
     # -- messages about a wrong or missing password ------------------------------------
 
     def explain(self, exc: MpagentError) -> MpagentError | None:
-        """keys.py's password errors again, naming the source used and the profile's ways
+        """mpagent.keys's password errors again, naming the source used and the profile's ways
         to fix it; None for any other error."""
         check, path = exc.details.get("check"), exc.details.get("source", "the keystore")
         if check == "no_password":

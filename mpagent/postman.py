@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mpagent import envfile
+from mpagent.private import write_atomic
 
 SCHEMA = "https://schema.getpostman.com/json/collection/v2.1.0/collection.json"
 SECRET_PLACEHOLDER = "paste the output of `mpagent bridge secret` here"  # noqa: S105
@@ -173,7 +173,7 @@ def write(directory: Path, docs: dict[str, dict[str, Any]]) -> list[Path]:
     written = []
     for name, document in docs.items():
         path = directory / name
-        envfile.write_atomic(path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        write_atomic(path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
         written.append(path)
     return written
 

@@ -13,10 +13,8 @@ import base64
 import binascii
 import difflib
 import json
-import os
 import re
 import sys
-import tempfile
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,7 +24,7 @@ from urllib.parse import urlsplit
 from mpagent import config, paths
 from mpagent.errors import ConfigError, SecretUnavailable
 from mpagent.passwords import KEY_ENV, KEYSTORE_ENV, SERVICE, keyring_set, keyring_username
-from mpagent.private import read_regular
+from mpagent.private import read_regular, write_atomic, write_new
 
 _WHITESPACE = " \t\f"
 _ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
@@ -430,31 +428,19 @@ def _write_new_private(path: Path, data: bytes) -> None:
     """A new 0600 file in a 0700 directory; an existing file is never overwritten."""
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        write_new(path, data)
     except FileExistsError:
         raise ConfigError(
             f"{path} exists already; remove it, or import under another name with --profile"
         ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot write the keystore ({exc.strerror or exc})") from exc
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-        os.fsync(file.fileno())
 
 
 def _replace_atomically(path: Path, text: str) -> None:
     """Readers see the old file or the new one, never a partial one."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, text)
 
 
 def store_passwords(

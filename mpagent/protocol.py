@@ -10,9 +10,14 @@ a `%`, a control character or a non-ASCII character; a key may repeat.
     reply:    error kind=rejected message=Maskinporten%20refused... mp_code=MP-200 connected:json=true
 
 Verbs: `get` (fields scope..., profile, min_ttl; the reply may add `warning` fields),
-`status` (reply field `json`, a JSON document), `reload` (reply `json`: the unusable
-profiles), `refresh` (field profile; reply `json`: each token's outcome), `stop` (reply
-`pid`). Requests are at most MAX_REQUEST bytes; replies MAX_REPLY.
+`env` (fields profile, scope..., min_ttl; reply: `name`/`value` pairs in order, each token's
+NAME_EXPIRES_AT after it, then `warning` fields), `status` (reply field `json`, a JSON
+document), `reload` (reply `json`: the unusable profiles), `refresh` (field profile; reply
+`json`: each token's outcome), `stop` (reply `pid`). Requests are at most MAX_REQUEST bytes; replies MAX_REPLY.
+
+Framing is sans-I/O and written once: `LineReader` takes bytes as they arrive and gives the
+line once its newline has come; `read_line` is the blocking loop over it. Every reader uses
+them: the client, the server, both halves of the Windows pipe and the systemd glue.
 
 An error's fields are its details (`details`/`from_details`): a string travels as itself, any
 other JSON value as JSON under the key with TYPED appended (`aliases:json=["a","b"]`), so
@@ -27,9 +32,58 @@ TYPED = ":json"
 
 Fields = list[tuple[str, str]]  # a key may repeat, so not a dict
 
+TYPE_CHECKING = False  # the typing module's constant, without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 
 class MessageError(ValueError):
     """A line that is not a protocol message."""
+
+
+class LineReader:
+    """One line, assembled from the bytes as they arrive; at most `limit` bytes before its
+    newline (the newline itself is not counted)."""
+
+    __slots__ = ("_scanned", "limit", "received")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.received = bytearray()  # everything fed so far
+        self._scanned = 0  # no newline before this offset
+
+    def feed(self, data: bytes) -> bytes | None:
+        """The complete line, newline included, once it has arrived (bytes after it are not
+        part of it); None while it has not. Raises MessageError once more than `limit` bytes
+        have arrived without a newline."""
+        received = self.received
+        if not received:  # the common case, a whole line in one piece: no copy
+            end = data.find(b"\n", 0, self.limit + 1)
+            if end >= 0:
+                return data[: end + 1]
+        received += data
+        end = received.find(b"\n", self._scanned, self.limit + 1)
+        if end >= 0:
+            return bytes(received[: end + 1])
+        if len(received) > self.limit:
+            raise MessageError(f"no newline within {self.limit} bytes")
+        self._scanned = len(received)
+        return None
+
+
+def read_line(recv: "Callable[[int], bytes]", limit: int) -> bytes:
+    """Call `recv(n)` until a line has arrived, and return it, newline included; at end of
+    stream (recv returns b"") return what arrived, which then lacks its newline and may be
+    empty. MessageError: more than `limit` bytes without a newline. recv's errors pass."""
+    reader = LineReader(limit)
+    size = min(limit + 1, 65536)
+    while True:
+        data = recv(size)
+        if not data:
+            return bytes(reader.received)
+        line = reader.feed(data)
+        if line is not None:
+            return line
 
 
 def quote(value: str) -> str:

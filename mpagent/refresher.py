@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from mpagent import tokens
-from mpagent.config import Profile, choose_profile, scope_string
+from mpagent.config import Profile, choose_profile
 from mpagent.errors import ConfigError, IssuerRejected, IssuerUnavailable, MpagentError
 from mpagent.exchange import Exchange
-from mpagent.issuer import Token, fingerprint
-from mpagent.tokens import TokenKey
+from mpagent.tokens import Token, TokenKey, fingerprint, scope_string
 
 log = logging.getLogger(__name__)
 

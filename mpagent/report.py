@@ -1,6 +1,6 @@
 """Human-readable renderings of the agent's status document. Pure.
 
-Every line is escaped (`cli.printable`): scopes come from clients and errors from issuers,
+Every line is escaped (`console.printable`): scopes come from clients and errors from issuers,
 and neither may move the cursor, clear the screen or start a line of its own.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from mpagent.cli import printable
+from mpagent.console import printable
 
 
 def _when(at: float | None, now: float) -> str:

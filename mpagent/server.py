@@ -17,18 +17,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 import socket
 import struct
 import sys
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from mpagent import protocol
 from mpagent.errors import AlreadyRunning, ConfigError, MpagentError, ProtocolError
 from mpagent.private import ensure_private_dir
+
+if typing.TYPE_CHECKING:
+    from mpagent.tokens import Token
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +173,33 @@ async def _settle(reply: Awaitable[bytes]) -> bytes:
         )
 
 
+# -- the wire encoding of replies: the agent's handler builds its answers with these ---------
+
+
+def ok_reply(fields: protocol.Fields | None = None) -> bytes:
+    return protocol.encode(["ok"], fields or [])
+
+
+def json_reply(document: object) -> bytes:
+    """`ok json=DOCUMENT`: the replies of status, reload and refresh."""
+    return ok_reply([("json", json.dumps(document))])
+
+
+def token_reply(token: Token, warnings: Iterable[str] = ()) -> bytes:
+    """The reply to `get`: the token, its expiry (epoch seconds), scope, type and warnings."""
+    return ok_reply(
+        [
+            ("token", token.access_token),
+            ("expires_at", f"{token.expires_at:.3f}"),
+            ("scope", token.scope),
+            ("token_type", token.token_type),
+            *(("warning", w) for w in warnings),
+        ]
+    )
+
+
 def error_reply(exc: MpagentError) -> bytes:
+    """`error kind=... message=...` and the error's details (typed, see protocol.details)."""
     return protocol.encode(["error"], protocol.details(exc.to_wire()))
 
 
@@ -264,7 +294,7 @@ class UnixListener:
             log.warning("refused a connection from uid %s", uid)
             conn.close()
             return
-        begun, reply = first_read(conn, self._handler)
+        reader, reply = first_read(conn, self._handler)
         if isinstance(reply, bytes):
             try:
                 reply = reply[conn.send(reply) :]
@@ -279,7 +309,7 @@ class UnixListener:
         if full and not isinstance(reply, bytes) and not self._make_room():
             self._refuse(conn, reply)
             return
-        peer = Connection(self._handler, self.live, begun=begun, reply=reply)
+        peer = Connection(self._handler, self.live, reader=reader, reply=reply)
         self.live[peer] = None  # counted from now, not from its transport's making
         task = self._loop.create_task(self._connect(conn, peer))
         self._connecting.add(task)
@@ -353,48 +383,63 @@ def _drop(reply: Reply | None) -> None:
         task.add_done_callback(_dropped.discard)
 
 
-def request_line(received: bytes | bytearray) -> bytes | ProtocolError | None:
-    """The request line in what a client has sent so far, an error if it is over the limit,
-    or None while its newline is still to come."""
-    end = received.find(b"\n", 0, protocol.MAX_REQUEST + 1)
-    if end >= 0:
-        return bytes(received[: end + 1])
-    if len(received) > protocol.MAX_REQUEST:
+UNFINISHED = "the request ended before its newline"
+
+
+def request_line(reader: protocol.LineReader, data: bytes) -> bytes | ProtocolError | None:
+    """Feed what a client sent next: its request line once complete, an error once it is
+    over the limit, or None while its newline is still to come."""
+    try:
+        return reader.feed(data)
+    except protocol.MessageError:
+        return ProtocolError(f"request larger than {reader.limit} bytes")
+
+
+def read_request(recv: Callable[[int], bytes]) -> bytes | ProtocolError:
+    """For a blocking transport (the Windows pipe): the request line read with `recv`, or
+    the error to answer it with."""
+    try:
+        line = protocol.read_line(recv, protocol.MAX_REQUEST)
+    except protocol.MessageError:
         return ProtocolError(f"request larger than {protocol.MAX_REQUEST} bytes")
-    return None
+    return line if line.endswith(b"\n") else ProtocolError(UNFINISHED)
 
 
-def first_read(conn: socket.socket, handler: Handler) -> tuple[bytes, Reply | None]:
-    """Read what a newly accepted client has sent: (bytes read, None) while its request is
-    incomplete, else (b"", the reply). Never blocks; a reset client gets an empty reply."""
+def first_read(
+    conn: socket.socket, handler: Handler
+) -> tuple[protocol.LineReader | None, Reply | None]:
+    """Read what a newly accepted client has sent: (its reader, None) while its request is
+    incomplete, else (None, the reply). Never blocks; a reset client gets an empty reply."""
     try:
         received = conn.recv(protocol.MAX_REQUEST + 1)
     except BlockingIOError:
-        return b"", None
+        return None, None
     except OSError:
-        return b"", b""
+        return None, b""
     if not received:
-        return b"", error_reply(ProtocolError("the request ended before its newline"))
-    line = request_line(received)
+        return None, error_reply(ProtocolError(UNFINISHED))
+    reader = protocol.LineReader(protocol.MAX_REQUEST)
+    line = request_line(reader, received)
     if line is None:
-        return received, None
-    return b"", error_reply(line) if isinstance(line, ProtocolError) else answer(handler, line)
+        return reader, None
+    return None, error_reply(line) if isinstance(line, ProtocolError) else answer(handler, line)
 
 
 class Connection(asyncio.Protocol):
-    """One client: one request line in, one reply line out, then close. `begun`: what the
-    listener already read; `reply`: what it already has to send (or to await)."""
+    """One client: one request line in, one reply line out, then close. `reader`: what the
+    listener already read of an unfinished request; `reply`: what it already has to send (or
+    to await)."""
 
     def __init__(
         self,
         handler: Handler,
         live: dict[Connection, None],
         *,
-        begun: bytes = b"",
+        reader: protocol.LineReader | None = None,
         reply: Reply | None = None,
     ) -> None:
         self.handler, self.live = handler, live
-        self.buffer = bytearray(begun)
+        self.reader = reader or protocol.LineReader(protocol.MAX_REQUEST)
         self.reply = reply
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -415,8 +460,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.task is not None or self.timer is None:
             return  # one request per connection; ignore anything after it
-        self.buffer += data
-        line = request_line(self.buffer)
+        line = request_line(self.reader, data)
         if isinstance(line, ProtocolError):
             self._error(line)
         elif line is not None:
@@ -425,7 +469,7 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self.task is None and self.transport is not None and not self.transport.is_closing():
-            self._error(ProtocolError("the request ended before its newline"))
+            self._error(ProtocolError(UNFINISHED))
         return True  # keep our write side open until the reply is sent
 
     def connection_lost(self, exc: Exception | None) -> None:

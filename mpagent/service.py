@@ -2,9 +2,10 @@
 
 Rendering is pure: values in, unit text out. Installing is a list of steps built from that
 text; `--dry-run` prints the steps as a shell script, otherwise they are carried out one by
-one, each echoed. The templates are embedded here so they ship inside the package; the same
-text sits in systemd/ and launchd/ at the top of the source tree for readers and packagers,
-and a test keeps the two equal.
+one, each echoed. The templates ship as package data in mpagent/units (`${EXEC}` in the
+service, `${PROGRAM_ARGUMENTS}` and `${LOG_FILE}` in the plist, string.Template placeholders);
+the same files sit in systemd/ and launchd/ at the top of the source tree for readers and
+packagers, and a test keeps the two byte for byte equal.
 
 Stdlib only and light: `mpagent get` imports this (through autostart) to learn whether a
 service owns start-up.
@@ -24,110 +25,11 @@ from pathlib import Path
 from string import Template
 from typing import Any, Protocol, TextIO
 
-from mpagent import paths
+from mpagent import paths, private
 from mpagent.errors import AgentNotRunning, ConfigError, MpagentError
 
 LABEL = "no.mpagent.agent"
 STOP_TIMEOUT = 10.0
-
-SOCKET_UNIT = """\
-# mpagent's socket, held by systemd so that the agent starts on first use (socket activation).
-# Installed into ~/.config/systemd/user/ by `mpagent service install`.
-[Unit]
-Description=mpagent socket: Maskinporten access tokens for this user
-
-[Socket]
-ListenStream=%t/mpagent/agent.sock
-SocketMode=0600
-DirectoryMode=0700
-# A stopped socket unit leaves no file behind that clients would mistake for an agent.
-RemoveOnStop=yes
-
-[Install]
-WantedBy=sockets.target
-"""
-
-SERVICE_UNIT = Template("""\
-# mpagent: keeps Maskinporten access tokens fresh and serves them on mpagent.socket.
-# Installed into ~/.config/systemd/user/ by `mpagent service install`, which puts in
-# the absolute path of the installed mpagent.
-[Unit]
-Description=mpagent: Maskinporten credential agent
-Requires=mpagent.socket
-After=mpagent.socket
-
-[Service]
-Type=notify
-ExecStart=${EXEC} agent
-ExecReload=${EXEC} reload
-Restart=on-failure
-RestartSec=2
-# Exit status 78 (EX_CONFIG) means the configuration is wrong: restarting cannot fix that.
-RestartPreventExitStatus=78
-UMask=0077
-# The sandbox (`systemd-analyze --user security mpagent.service`: 2.0, was 9.7). The agent
-# reads the config and keystores, writes the runtime dir and the env file (which may be in
-# the home directory, so that stays writable), talks to Maskinporten (INET), the keyring
-# (D-Bus) and its clients (UNIX), asks the kernel who is at the other end of a bridge
-# connection (NETLINK sock_diag), and runs password_command. A filtered system call fails
-# with EPERM instead of killing the agent.
-NoNewPrivileges=yes
-CapabilityBoundingSet=
-AmbientCapabilities=
-PrivateUsers=yes
-ProtectSystem=full
-PrivateTmp=yes
-PrivateDevices=yes
-DevicePolicy=closed
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-ProtectControlGroups=yes
-ProtectClock=yes
-ProtectHostname=yes
-ProtectProc=invisible
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
-RestrictNamespaces=yes
-RestrictRealtime=yes
-RestrictSUIDSGID=yes
-LockPersonality=yes
-KeyringMode=private
-RemoveIPC=yes
-SystemCallArchitectures=native
-SystemCallFilter=@system-service
-SystemCallFilter=~@privileged
-SystemCallErrorNumber=EPERM
-""")
-
-PLIST = Template("""\
-<?xml version="1.0" encoding="UTF-8"?>
-<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
-<!-- mpagent as a LaunchAgent: started at login, restarted after a crash but not after a clean
-     exit (`mpagent stop`). Installed into ~/Library/LaunchAgents/ by `mpagent service install`. -->
-<plist version="1.0">
-<dict>
-\t<key>Label</key>
-\t<string>no.mpagent.agent</string>
-\t<key>ProgramArguments</key>
-\t<array>
-${PROGRAM_ARGUMENTS}
-\t</array>
-\t<key>RunAtLoad</key>
-\t<true/>
-\t<key>KeepAlive</key>
-\t<dict>
-\t\t<key>SuccessfulExit</key>
-\t\t<false/>
-\t</dict>
-\t<key>Umask</key>
-\t<integer>63</integer>
-\t<key>StandardOutPath</key>
-\t<string>${LOG_FILE}</string>
-\t<key>StandardErrorPath</key>
-\t<string>${LOG_FILE}</string>
-</dict>
-</plist>
-""")
 
 # -- pure rendering -------------------------------------------------------------------------
 
@@ -155,8 +57,22 @@ def systemd_quote(arg: str) -> str:
     return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def template(name: str) -> str:
+    """The text of mpagent/units/`name` (package data; importlib.resources finds it in a wheel,
+    an editable install or a zip alike)."""
+    from importlib.resources import files
+
+    return (files("mpagent") / "units" / name).read_text(encoding="utf-8")
+
+
+def render_socket() -> str:
+    """The socket unit: nothing in it depends on the install (`%t` is systemd's)."""
+    return template("mpagent.socket")
+
+
 def render_service(argv: list[str]) -> str:
-    return SERVICE_UNIT.substitute(EXEC=" ".join(systemd_quote(a) for a in argv))
+    exec_words = " ".join(systemd_quote(a) for a in argv)
+    return Template(template("mpagent.service")).substitute(EXEC=exec_words)
 
 
 def xml_text(text: str) -> str:
@@ -165,7 +81,8 @@ def xml_text(text: str) -> str:
 
 def render_plist(argv: list[str], log_file: Path) -> str:
     arguments = "\n".join(f"\t\t<string>{xml_text(a)}</string>" for a in [*argv, "agent"])
-    return PLIST.substitute(PROGRAM_ARGUMENTS=arguments, LOG_FILE=xml_text(str(log_file)))
+    plist = Template(template(f"{LABEL}.plist"))
+    return plist.substitute(PROGRAM_ARGUMENTS=arguments, LOG_FILE=xml_text(str(log_file)))
 
 
 def credentials_help(profiles: Sequence[str], directory: Path) -> str:
@@ -270,9 +187,7 @@ class WriteFile:
         return f"cat > {shlex.quote(str(self.path))} <<'EOF'\n{self.content}EOF"
 
     def run(self, out: TextIO) -> None:
-        from mpagent import envfile
-
-        envfile.write_atomic(self.path, self.content)
+        private.write_atomic(self.path, self.content)
         out.write(f"wrote {self.path}\n")
 
 
@@ -344,31 +259,21 @@ class StopAgent:
             client.call(self.socket, "stop", timeout=5)
         except AgentNotRunning:
             return
-        _wait_for_lock(self.socket + ".lock", time.monotonic() + STOP_TIMEOUT)
+        _wait_for_lock(Path(self.socket + ".lock"), time.monotonic() + STOP_TIMEOUT)
         out.write("stopped the running agent; from now on the service manager starts it\n")
 
 
-def _wait_for_lock(lock_file: str, deadline: float) -> None:
-    import fcntl
-
-    try:
-        fd = os.open(lock_file, os.O_RDWR)
-    except FileNotFoundError:
+def _wait_for_lock(lock_file: Path, deadline: float) -> None:
+    """Until the agent holding `lock_file` (if it ever made one) has exited."""
+    if not lock_file.exists():
         return
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise MpagentError(
-                        f"the running agent did not stop within {STOP_TIMEOUT:g} s; "
-                        "stop it with `mpagent stop` and run `mpagent service install` again"
-                    ) from None
-                time.sleep(0.05)
-    finally:
-        os.close(fd)
+    fd = private.lock(lock_file, deadline)
+    if fd is None:
+        raise MpagentError(
+            f"the running agent did not stop within {STOP_TIMEOUT:g} s; "
+            "stop it with `mpagent stop` and run `mpagent service install` again"
+        )
+    os.close(fd)
 
 
 # -- the two service managers ---------------------------------------------------------------
@@ -397,7 +302,7 @@ class Systemd:
     def install(self, argv: list[str], socket: str) -> list[Step]:
         return [
             MakeDir(self.unit_dir),
-            WriteFile(self.files[0], SOCKET_UNIT),
+            WriteFile(self.files[0], render_socket()),
             WriteFile(self.files[1], render_service(argv)),
             StopAgent(socket, tuple(argv)),
             Run(("systemctl", "--user", "daemon-reload")),
@@ -543,9 +448,7 @@ def install(target: Manager, steps: list[Step], out: TextIO) -> None:
             if content is None:
                 path.unlink(missing_ok=True)
             else:
-                from mpagent import envfile
-
-                envfile.write_atomic(path, content)
+                private.write_atomic(path, content)
         raise type(exc)(
             f"{exc.message}. Nothing is installed: the unit files are as they were, and "
             "`mpagent get` keeps starting agents itself",

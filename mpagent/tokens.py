@@ -1,5 +1,7 @@
 """What a token is, what identifies it, and when to refresh it. Pure: every function takes
-the time and the randomness it needs as arguments, so the policy is tested exactly.
+the time and the randomness it needs as arguments, so the policy is tested exactly. The value
+types (`Token`, `fingerprint`, `scope_string`) live here too: this module imports nothing from
+mpagent, so the policy pulls in no I/O.
 
 With Maskinporten's 120-second tokens the defaults give:
 - soft deadline (background refresh starts) 50-60 % into the lifetime: 60-72 s, the
@@ -14,9 +16,8 @@ With Maskinporten's 120-second tokens the defaults give:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-
-from mpagent.issuer import Token
 
 SOFT_FRACTION = 0.5
 SOFT_JITTER = 0.1
@@ -25,6 +26,33 @@ MIN_TTL_FRACTION = 0.25
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
 REJECTED_BACKOFF_BASE = 15.0
+
+
+@dataclass(frozen=True, repr=False)
+class Token:
+    access_token: str
+    token_type: str
+    scope: str
+    requested_at: float  # wall clock, read before the request was sent
+    expires_at: float  # requested_at + expires_in: absolute
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires_at - self.requested_at
+
+    def __repr__(self) -> str:
+        fp = fingerprint(self.access_token)  # never the token itself
+        return f"Token(scope={self.scope!r}, expires_at={self.expires_at:.0f}, fp={fp})"
+
+
+def fingerprint(secret: str) -> str:
+    """What logs show instead of a token: its length and last four characters."""
+    return f"…{secret[-4:]}({len(secret)})"
+
+
+def scope_string(scopes: Iterable[str]) -> str:
+    """The canonical scope set: split on spaces, de-duplicated, sorted."""
+    return " ".join(sorted({s for entry in scopes for s in entry.split()}))
 
 
 @dataclass(frozen=True, order=True)

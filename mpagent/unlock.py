@@ -1,5 +1,6 @@
-"""`mpagent unlock` and `mpagent lock`, like ssh-add: hand a running agent the passwords of
-locked profiles, or make it forget them.
+"""What `mpagent unlock` and `mpagent lock` do, like ssh-add: hand a running agent the
+passwords of locked profiles, or make it forget them. Nothing here prints: what happens is
+told to the `tell` the command line passes in.
 
 The password is read from the terminal (hidden) or one line per password from stdin, checked
 against the keystore here, in the client, and only then sent over the agent's private socket.
@@ -12,9 +13,10 @@ import argparse
 import getpass
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from mpagent.cli import ask_agent, say
+from mpagent.ask import ask_agent, profile_name
 from mpagent.errors import ConfigError, KeystoreError, SecretUnavailable
 
 ATTEMPTS = 3  # at a terminal, as sudo and ssh-add allow
@@ -25,50 +27,37 @@ WRONG = {
 }
 
 
-def cmd_unlock(args: argparse.Namespace) -> int:
-    from mpagent import config
-
-    cfg = config.load(args.config)
-    names = _chosen(args, cfg)
-    if not names:
-        say("no profile is locked; nothing to unlock")
-        return 0
+def hand_over(
+    args: argparse.Namespace, cfg: Any, names: list[str], tell: Callable[[str], None]
+) -> None:
+    """For each profile named: read its password(s), check them against its keystore, send
+    them to the agent; `tell` hears each outcome (and each typo, at a terminal)."""
     for name in names:
-        fields = _passwords_for(cfg.profile(name), args)
+        fields = _passwords_for(cfg.profile(name), args, tell)
         ask_agent(args, "unlock", [("profile", name), *fields])
-        say(
+        tell(
             f"profile {name} unlocked; the agent keeps the password in memory until it stops "
             f"or `mpagent lock {name}`"
         )
-    return 0
 
 
-def cmd_lock(args: argparse.Namespace) -> int:
-    reply = ask_agent(args, "lock", [("profile", name) for name in args.profiles], start=False)
-    locked = [value for key, value in reply if key == "locked"]
-    if not locked:
-        say("no password given by `mpagent unlock` was held; nothing to forget")
-        return 0
-    for name in locked:
-        say(f"profile {name} locked: its password and tokens are forgotten")
-    return 0
+def unlock_now(config_file: str | None, name: str, tell: Callable[[str], None]) -> None:
+    """`get` or `env` met a locked profile at a terminal, and the user wants it unlocked."""
+    from mpagent import config
 
-
-def offer(args: Any, exc: SecretUnavailable) -> bool:
-    """`get` met a locked profile at a terminal: unlock it there and then, if the user says
-    yes. False when the user declines."""
-    name = str(exc.details.get("profile") or "")
-    sys.stderr.write(f"mpagent: profile {name} is locked. Unlock it now? [Y/n] ")
-    sys.stderr.flush()
-    if sys.stdin.readline().strip().lower() not in ("", "y", "yes"):
-        return False
-    unlock_args = argparse.Namespace(
-        config=args.config, profiles=[name], all=False, stdin=False, key=False, no_start=True
+    args = argparse.Namespace(
+        config=config_file, profiles=[name], all=False, stdin=False, key=False, no_start=True
     )
-    return cmd_unlock(unlock_args) == 0
+    hand_over(args, config.load(config_file), [name], tell)
 
 
-def _chosen(args: argparse.Namespace, cfg: Any) -> list[str]:
+def lock(args: argparse.Namespace) -> list[str]:
+    """Make the agent forget the passwords of args.profiles (all if none); the ones it held."""
+    reply = ask_agent(args, "lock", [("profile", name) for name in args.profiles], start=False)
+    return [value for key, value in reply if key == "locked"]
+
+
+def chosen(args: argparse.Namespace, cfg: Any) -> list[str]:
     """The profiles named, or with --all every one the agent reports locked, or else the
     profile the configuration chooses."""
     if args.profiles:
@@ -78,12 +67,12 @@ def _chosen(args: argparse.Namespace, cfg: Any) -> list[str]:
     if args.all:
         status = json.loads(dict(ask_agent(args, "status"))["json"])
         return [n for n, state in status.get("passwords", {}).items() if state == "locked"]
-    from mpagent.cli import profile_name
-
     return [cfg.profile(profile_name(args)).name]
 
 
-def _passwords_for(profile: Any, args: argparse.Namespace) -> list[tuple[str, str]]:
+def _passwords_for(
+    profile: Any, args: argparse.Namespace, tell: Callable[[str], None]
+) -> list[tuple[str, str]]:
     """Read the profile's password(s), checked against its keystore: the agent's fields."""
     attempts = 1 if args.stdin else ATTEMPTS
     for attempt in range(1, attempts + 1):
@@ -94,7 +83,7 @@ def _passwords_for(profile: Any, args: argparse.Namespace) -> list[tuple[str, st
         except KeystoreError as exc:
             if attempt == attempts or exc.details.get("check") not in WRONG:
                 raise
-            say(f"{exc.message}; try again")
+            tell(f"{exc.message}; try again")
             continue
         return [("keystore", store), *([("key", key)] if key else [])]
     raise AssertionError("unreachable")

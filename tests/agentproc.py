@@ -36,8 +36,8 @@ class AgentProcess:
             try:
                 client.call(self.socket, "status", timeout=2)
                 return self
-            except AgentNotRunning:
-                time.sleep(0.02)
+            except AgentNotRunning:  # not listening yet: a refused connect costs microseconds
+                time.sleep(0.01)
         raise RuntimeError(f"agent not ready: {self.log()}")
 
     def log(self) -> str:
@@ -58,7 +58,7 @@ class AgentProcess:
         return self.proc.returncode
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
     """Poll until predicate() is truthy; return its value or fail the test."""
     deadline = time.monotonic() + timeout
     while True:

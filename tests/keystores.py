@@ -1,26 +1,22 @@
-"""Write real keystores of every kind from `mpagent.pki.Issued` objects, for the tests.
+"""Write real keystores of every other kind from `mpagent.emulator.pki.Issued` objects, for the
+tests; PKCS#12 is `mpagent.emulator.pki.write_pkcs12`, which the demo uses too.
 
-Plain functions, no fixtures: JKS through pyjks, PKCS#12 through cryptography (one key) or
-keytool merging single-key files (several keys, as users' keystores really are made), PEM and
-JWK by hand. Nothing written here is ever committed.
+Plain functions, no fixtures: JKS through pyjks, PEM and JWK by hand. Nothing written here is
+ever committed.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.serialization import pkcs12
 
-from mpagent.pki import Issued
+from mpagent.emulator.pki import Issued
 
 _DER = serialization.Encoding.DER
 _PEM = serialization.Encoding.PEM
@@ -41,59 +37,6 @@ class StaticPasswords:
     def key(self) -> str | None:
         self.key_asks += 1
         return self.key_password if self.key_password is not None else self.store
-
-
-def write_pkcs12(
-    path: Path,
-    entries: Mapping[str, Issued],
-    password: str,
-    ca_chain: Sequence[x509.Certificate] = (),
-    trusted: Mapping[str, x509.Certificate] | None = None,
-) -> Path:
-    """One entry: cryptography. Several: keytool -importkeystore merging single-key files.
-    `trusted` adds named certificates without a key (one-entry files only)."""
-    if len(entries) == 1:
-        [(alias, issued)] = entries.items()
-        named = [pkcs12.PKCS12Certificate(c, a.encode()) for a, c in (trusted or {}).items()]
-        path.write_bytes(_pkcs12_bytes(alias, issued, password, [*ca_chain, *named]))
-        return path
-    if trusted:
-        raise ValueError("trusted certificates are supported in one-entry PKCS#12 files only")
-    if not password.isascii():  # Java's PKCS#12 PBES2 refuses it: "Password is not ASCII"
-        raise ValueError("keytool cannot write a PKCS#12 with a non-ASCII password")
-    keytool = shutil.which("keytool")
-    if keytool is None:
-        raise RuntimeError("keytool is needed for a PKCS#12 with several keys (install a JDK)")
-    with tempfile.TemporaryDirectory() as tmp:
-        for alias, issued in entries.items():
-            single = Path(tmp) / f"{alias}.p12"
-            single.write_bytes(_pkcs12_bytes(alias, issued, password, ca_chain))
-            _keytool_merge(keytool, single, path, password)
-    return path
-
-
-def _pkcs12_bytes(
-    alias: str,
-    issued: Issued,
-    password: str,
-    ca_chain: Sequence[x509.Certificate | pkcs12.PKCS12Certificate],
-) -> bytes:
-    encryption = serialization.BestAvailableEncryption(password.encode())
-    return pkcs12.serialize_key_and_certificates(
-        alias.encode(), issued.key, issued.cert, list(ca_chain) or None, encryption
-    )
-
-
-def _keytool_merge(keytool: str, source: Path, dest: Path, password: str) -> None:
-    subprocess.run(
-        [
-            *(keytool, "-importkeystore", "-noprompt"),
-            *("-srckeystore", str(source), "-srcstoretype", "PKCS12", "-srcstorepass", password),
-            *("-destkeystore", str(dest), "-deststoretype", "PKCS12", "-deststorepass", password),
-        ],
-        check=True,
-        capture_output=True,
-    )
 
 
 def write_jks(

@@ -3,6 +3,7 @@ live a few seconds, real Unix sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,12 +15,19 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from mpagent import client, paths, pki
-from mpagent.emulator import Emulator
-from mpagent.errors import IssuerUnavailable
+from mpagent import client, paths
+from mpagent.emulator import Emulator, pki
+from mpagent.errors import (
+    ConfigError,
+    IssuerRejected,
+    IssuerUnavailable,
+    MpagentError,
+    ProtocolError,
+)
 
 from .agentproc import AgentProcess, status, wait_for
 from .conftest import CLIENT_ID, PASSWORD, SCOPES, profile_for, run_cli, write_config
@@ -112,6 +120,7 @@ def test_single_flight(agent: AgentProcess, short_emulator: Emulator) -> None:
     assert short_emulator.token_requests - before <= 2
 
 
+@pytest.mark.slow
 def test_outage_serves_cached_then_fails(agent: AgentProcess, short_emulator: Emulator) -> None:
     """While the issuer is down the valid token keeps being served; after expiry `get`
     fails with exit 75 and the issuer's failure."""
@@ -273,29 +282,6 @@ def test_status_human_and_json(agent: AgentProcess) -> None:
     assert document["pid"] == agent.proc.pid and document["tokens"][0]["valid"]
 
 
-def test_hot_path_imports_nothing_heavy(agent: AgentProcess) -> None:
-    """`mpagent get` through the agent imports no requests, cryptography, jwt, jks, keyring,
-    watchdog, asyncio, argparse, json or typing."""
-    result = run_cli("get", SCOPES[0], env={"PYTHONPROFILEIMPORTTIME": "1"})
-    assert result.returncode == 0
-    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
-    heavy = {
-        "requests",
-        "cryptography",
-        "jwt",
-        "jks",
-        "keyring",
-        "watchdog",
-        "asyncio",
-        "argparse",
-        "json",
-        "typing",
-        "platformdirs",
-        "socket",
-    }
-    assert imported and not (imported & heavy), imported & heavy
-
-
 def test_get_without_agent_fails_69_with_no_start(home: Path, config: Path) -> None:
     """With autostart off and no agent, `get` fails with exit 69 and says how to start one."""
     result = run_cli("get", SCOPES[0], "--no-start")
@@ -320,6 +306,7 @@ def test_autostart_after_kill_9(config: Path, monkeypatch: pytest.MonkeyPatch) -
     wait_for(lambda: not _alive(new_pid))
 
 
+@pytest.mark.slow
 def test_twenty_simultaneous_gets_start_one_agent(
     config: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -357,6 +344,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_error_class_survives_the_socket(agent: AgentProcess, short_emulator: Emulator) -> None:
     """An issuer failure reaches the client as the same error class with its details."""
     short_emulator.inject("503", 1000)
@@ -374,7 +362,7 @@ def test_keystore_change_drops_tokens_of_the_old_key(
     agent: AgentProcess, p12: Path, ca: pki.Issued
 ) -> None:
     """Replacing the keystore file reloads; tokens signed for the old key are dropped."""
-    from .keystores import write_pkcs12
+    from mpagent.emulator.pki import write_pkcs12
 
     old_key = wait_for(lambda: status()["tokens"] and status()["tokens"][0]["key"])
     old_token = run_cli("get", SCOPES[0]).stdout
@@ -386,6 +374,7 @@ def test_keystore_change_drops_tokens_of_the_old_key(
     assert run_cli("get", SCOPES[0]).stdout != old_token
 
 
+@pytest.mark.slow
 def test_idle_on_demand_keys_are_dropped(
     tmp_path: Path, home: Path, short_emulator: Emulator, p12: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -433,7 +422,7 @@ def test_journal_formatter_gives_priorities() -> None:
     """Under systemd each log line starts with its syslog priority and nothing journald adds."""
     import logging
 
-    from mpagent.agent import JournalFormatter
+    from mpagent.logs import JournalFormatter
 
     record = logging.LogRecord("mpagent", logging.ERROR, __file__, 1, "boom %s", ("x",), None)
     assert JournalFormatter().format(record) == "<3>boom x"
@@ -449,7 +438,7 @@ def test_status_warns_of_certificate_expiry(
     """status warns when the signing certificate expires within 30 days."""
     import datetime as dt
 
-    from .keystores import write_pkcs12
+    from mpagent.emulator.pki import write_pkcs12
 
     soon = pki.make_leaf(ca, not_after=dt.datetime.now(dt.UTC) + dt.timedelta(days=10))
     keystore = write_pkcs12(tmp_path / "soon.p12", {"auth": soon}, PASSWORD, [ca.cert])
@@ -461,3 +450,253 @@ def test_status_warns_of_certificate_expiry(
         assert "WARNING profile dev: the certificate" in run_cli("status").stdout
     finally:
         proc.stop()
+
+
+# -- the `env` verb: what `mpagent env` and `mpagent exec` ask the agent for -----------------
+
+FULL = "MASKINPORTEN_TOKEN_DEV_IDPORTEN_DCR_READ"
+SHORT = "MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ"
+
+
+def env_reply(**fields: str | list[str]) -> list[tuple[str, str]]:
+    """The agent's `env` reply over its real socket, as (name, value) pairs in reply order;
+    fails unless the reply is alternating name/value fields (plus warnings)."""
+    request = [(k, v) for k, vs in fields.items() for v in ([vs] if isinstance(vs, str) else vs)]
+    reply = [f for f in client.call(paths.socket_path(), "env", request) if f[0] != "warning"]
+    assert [k for k, _ in reply] == ["name", "value"] * (len(reply) // 2), reply
+    return [(reply[i][1], reply[i + 1][1]) for i in range(0, len(reply), 2)]
+
+
+def get_reply(**fields: str) -> dict[str, str]:
+    return dict(client.call(paths.socket_path(), "get", list(fields.items())))
+
+
+def test_env_verb_names_every_configured_token_as_the_env_file_does(agent: AgentProcess) -> None:
+    """`env` without scopes: each configured token under its env-file names (the default
+    profile's short one too), each followed by NAME_EXPIRES_AT in integer epoch seconds; the
+    token is the one `get` serves."""
+
+    def consistent() -> tuple[list[tuple[str, str]], str] | None:
+        before = get_reply(scope=SCOPES[0])["token"]
+        pairs = env_reply()
+        after = get_reply(scope=SCOPES[0])["token"]
+        return (pairs, before) if before == after else None  # no refresh in between
+
+    pairs, token = wait_for(consistent)
+    names = [name for name, _ in pairs]
+    assert names == [FULL, f"{FULL}_EXPIRES_AT", SHORT, f"{SHORT}_EXPIRES_AT"]
+    values = dict(pairs)
+    assert values[FULL] == values[SHORT] == token
+    expires = values[f"{FULL}_EXPIRES_AT"]
+    assert expires.isdigit() and expires == values[f"{SHORT}_EXPIRES_AT"]
+    assert time.time() - 1 <= int(expires) <= time.time() + LIFETIME
+
+
+def test_env_verb_takes_the_scopes_given_in_their_order(
+    agent: AgentProcess, short_emulator: Emulator
+) -> None:
+    """`env scope=...`: only the scopes given (on-demand ones too), in request order; a scope
+    set is one token under its canonical name."""
+    both = f"{SCOPES[1]} {SCOPES[0]}"
+    pairs = env_reply(scope=[SCOPES[1], both])
+    assert [name for name, _ in pairs] == [
+        "MASKINPORTEN_TOKEN_DEV_IDPORTEN_DCR_WRITE",
+        "MASKINPORTEN_TOKEN_DEV_IDPORTEN_DCR_WRITE_EXPIRES_AT",
+        "MASKINPORTEN_TOKEN_IDPORTEN_DCR_WRITE",
+        "MASKINPORTEN_TOKEN_IDPORTEN_DCR_WRITE_EXPIRES_AT",
+        "MASKINPORTEN_TOKEN_DEV_IDPORTEN_DCR_READ_IDPORTEN_DCR_WRITE",
+        "MASKINPORTEN_TOKEN_DEV_IDPORTEN_DCR_READ_IDPORTEN_DCR_WRITE_EXPIRES_AT",
+        "MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ_IDPORTEN_DCR_WRITE",
+        "MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ_IDPORTEN_DCR_WRITE_EXPIRES_AT",
+    ]
+    scopes = {t["scope"] for t in status()["tokens"] if not t["configured"]}
+    assert scopes == {SCOPES[1], f"{SCOPES[0]} {SCOPES[1]}"}
+
+
+def test_env_verb_fails_as_get_does(agent: AgentProcess) -> None:
+    """`env` fails with get's error class, exit status and message: an unknown profile (78),
+    a scope the issuer rejects (77, for a request with a good scope too), a min_ttl beyond
+    the tokens' lifetime, and a min_ttl that is not a number."""
+    cases: list[tuple[dict[str, str | list[str]], dict[str, str]]] = [
+        ({"profile": "deev", "scope": SCOPES[0]}, {"profile": "deev", "scope": SCOPES[0]}),
+        ({"scope": [SCOPES[0], "not:registered"]}, {"scope": "not:registered"}),
+        ({"min_ttl": "100"}, {"scope": SCOPES[0], "min_ttl": "100"}),
+        ({"min_ttl": "soon"}, {"scope": SCOPES[0], "min_ttl": "soon"}),
+    ]
+    failures = []
+    for env_fields, get_fields in cases:
+        with pytest.raises(MpagentError) as from_env:
+            env_reply(**env_fields)
+        with pytest.raises(MpagentError) as from_get:
+            get_reply(**get_fields)
+        # "(the agent tries again in N s...)": N moves on between the two requests
+        said = [str(e.value).split(" (the agent tries again")[0] for e in (from_env, from_get)]
+        assert type(from_env.value) is type(from_get.value) and said[0] == said[1], said
+        failures.append((type(from_env.value), from_env.value.exit_code, said[0]))
+    assert [(kind, code) for kind, code, _ in failures] == [
+        (ConfigError, 78),
+        (IssuerRejected, 77),
+        (MpagentError, 1),
+        (ProtocolError, 1),
+    ]
+    assert "no profile 'deev' (profiles: dev); did you mean 'dev'?" in failures[0][2]
+    assert "MP-200" in failures[1][2] and "not:registered" in failures[1][2]
+    assert failures[2][2] == (
+        f"the issuer's tokens live {LIFETIME} s, less than the 100 s asked for with --min-ttl; "
+        "ask for less"
+    )
+    assert failures[3][2] == "min_ttl must be a number, not 'soon'"
+
+
+def test_env_verb_waits_out_a_transient_failure(
+    tmp_path: Path, home: Path, short_emulator: Emulator, p12: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As `get`, `env` waits out a short backoff after a 503 and answers with the retry's
+    token; a profile without scopes, asked for none, answers with no pairs; env_names give
+    the names."""
+    profile = {k: v for k, v in profile_for(short_emulator, p12).items() if k != "scopes"}
+    profile["env_names"] = {SCOPES[1]: "DCR_WRITE_TOKEN"}
+    config = write_config(tmp_path / "config.toml", {"adhoc": profile})
+    monkeypatch.setenv("MPAGENT_KEYSTORE_PASSWORD", PASSWORD)
+    proc = AgentProcess(config, tmp_path / "agent.log").wait_ready()
+    try:
+        assert env_reply() == [] and short_emulator.token_requests == 0
+        short_emulator.inject("503")
+        pairs = env_reply(scope=SCOPES[1])
+        assert [name for name, _ in pairs] == ["DCR_WRITE_TOKEN", "DCR_WRITE_TOKEN_EXPIRES_AT"]
+        assert pairs[0][1] == get_reply(scope=SCOPES[1])["token"]
+        assert short_emulator.token_requests == 2  # the 503, then the retry
+        assert "answered HTTP 503" in proc.log()
+    finally:
+        proc.stop()
+
+
+def test_env_verb_carries_the_key_warnings_once(
+    tmp_path: Path,
+    home: Path,
+    short_emulator: Emulator,
+    ca: pki.Issued,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A profile's key warnings (a nonRepudiation-only certificate) come with its first
+    served reply, `env` or `get`, as `warning` fields, and then no more."""
+    from mpagent.emulator.pki import write_pkcs12
+
+    signing = pki.make_leaf(ca, usage="nonRepudiation")
+    keystore = write_pkcs12(tmp_path / "sign.p12", {"auth": signing}, PASSWORD, [ca.cert])
+    config = write_config(tmp_path / "config.toml", {"dev": profile_for(short_emulator, keystore)})
+    monkeypatch.setenv("MPAGENT_KEYSTORE_PASSWORD", PASSWORD)
+    proc = AgentProcess(config, tmp_path / "agent.log").wait_ready()
+    try:
+        first = client.call(paths.socket_path(), "env")
+        again = client.call(paths.socket_path(), "env")
+        then = client.call(paths.socket_path(), "get", [("scope", SCOPES[0])])
+    finally:
+        proc.stop()
+    warnings = [v for k, v in first if k == "warning"]
+    assert warnings and all("nonRepudiation" in w for w in warnings), first
+    assert [k for k, _ in first][-len(warnings) :] == ["warning"] * len(warnings)
+    assert not [f for f in again + then if f[0] == "warning"]
+    assert [v for k, v in again if k == "name"] == [
+        FULL,
+        f"{FULL}_EXPIRES_AT",
+        SHORT,
+        f"{SHORT}_EXPIRES_AT",
+    ]
+
+
+# -- the composition root in-process: its clock and its env-file writer ----------------------
+
+
+def _agent_in_process(tmp_path: Path, emulator: Emulator, p12: Path, clock: object) -> object:
+    from mpagent import config as config_module
+    from mpagent.agent import Agent
+
+    cfg = config_module.load(write_config(tmp_path / "c.toml", {"dev": profile_for(emulator, p12)}))
+    return Agent(cfg, None, clock=clock)  # type: ignore[arg-type]
+
+
+def test_agent_reads_only_its_injected_clock(
+    tmp_path: Path, home: Path, short_emulator: Emulator, p12: Path
+) -> None:
+    """The agent's uptime and its refresher's times come from the clock it is given."""
+    now = [1000.0]
+    agent: Any = _agent_in_process(tmp_path, short_emulator, p12, lambda: now[0])
+    try:
+        now[0] = 1042.5
+        assert agent.status()["uptime"] == 42.5
+        assert agent.refresher.clock() == 1042.5
+    finally:
+        agent.fetch_pool.shutdown()
+        agent.io.shutdown()
+
+
+def test_an_unexpected_env_file_failure_is_logged_without_the_tokens(
+    tmp_path: Path,
+    home: Path,
+    short_emulator: Emulator,
+    p12: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A write of the env file that fails with something other than OSError is logged (its
+    type, not the content) and shown in status, and the writer keeps going."""
+    agent: Any = _agent_in_process(tmp_path, short_emulator, p12, time.time)
+    agent.env_path = tmp_path / "env\0file"  # os.open: ValueError, embedded null byte
+    agent._env_tokens = lambda: [("MASKINPORTEN_TOKEN_X", "secret-token-value", 2e9)]
+
+    async def write_twice() -> None:
+        for _ in range(2):
+            agent._env_changed()
+            await agent._finish_env()
+
+    try:
+        with caplog.at_level("ERROR", logger="mpagent"):
+            asyncio.run(write_twice())
+    finally:
+        agent.fetch_pool.shutdown()
+        agent.io.shutdown()
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all("unexpected ValueError" in line for line in said), said
+    assert "secret-token-value" not in caplog.text
+    assert agent.status()["env_file_error"].endswith(": ValueError")
+
+
+def test_queued_clients_get_the_config_error_whatever_they_sent(tmp_path: Path, home: Path) -> None:
+    """Started by its socket with a broken config, the agent answers each queued client with
+    the config error even if it sent half a request or nothing, then exits 78."""
+    from mpagent import protocol
+
+    from .test_socket_activation import WRAPPER
+
+    path = Path(paths.socket_path())
+    path.parent.mkdir(mode=0o700)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(16)
+    clients = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+    for sock in clients:
+        sock.connect(str(path))
+        sock.settimeout(10)
+    clients[1].sendall(b"mpagent/1 ge")  # no newline
+    broken = tmp_path / "broken.toml"
+    broken.write_text('[profiles.dev]\nenvironment = "test"\n[agent]\nidle_timeout = "soon"\n')
+    fd = listener.fileno()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRAPPER, str(fd), "--config", str(broken), "agent"],
+        pass_fds=(fd,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "LISTEN_FDS": "1"},
+    )
+    try:
+        replies = [protocol.read_line(sock.recv, protocol.MAX_REPLY) for sock in clients]
+        assert proc.wait(10) == 78
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for sock in (listener, *clients):
+            sock.close()
+    for reply in replies:
+        with pytest.raises(ConfigError, match=r"\[agent\] idle_timeout is 'soon'"):
+            client.parse_reply(reply)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import json
 import os
 import re
@@ -307,6 +308,27 @@ def test_no_secret_every_request_is_refused_until_bridge_secret_makes_one(
         run.agent.stop()
 
 
+def test_secret_file_is_read_privately(tmp_path: Path) -> None:
+    """The secret file is read when it is a 0600 file of ours; a symlink in its place is
+    refused (ELOOP) rather than followed, and a file open to others names its mode and fix."""
+    real = tmp_path / "real.secret"
+    real.write_text("s3cret\n")
+    real.chmod(0o600)
+    assert bridge.SecretStore(real).read_file() == "s3cret"
+    link = tmp_path / "bridge.secret"
+    link.symlink_to(real)
+    with pytest.raises(OSError) as raised:
+        bridge.SecretStore(link).read_file()
+    assert raised.value.errno == errno.ELOOP
+    real.chmod(0o604)
+    with pytest.raises(ConfigError) as refused:
+        bridge.SecretStore(real).read_file()
+    assert str(refused.value) == (
+        f"{real} is not a private file of yours (mode 604); `chmod 600 {real}` if it is, "
+        "else `mpagent bridge secret --rotate`"
+    )
+
+
 def test_secret_file_open_to_others_is_refused_and_rotate_replaces_it(
     bridge_env: None, tmp_path: Path, emulator: Emulator, p12: Path
 ) -> None:
@@ -560,7 +582,8 @@ def test_slow_client_times_out_and_others_are_served(
 
 
 def test_postman_files(running: Running, tmp_path: Path, emulator: Emulator, p12: Path) -> None:
-    """`mpagent postman` writes an environment and a v2.1 collection with both bridge variants."""
+    """`mpagent postman` writes an environment and a v2.1 collection with both bridge variants,
+    each 0600 (the secret may be pasted into the environment)."""
     cfg, port = running.config, running.port
     out = tmp_path / "postman"
     result = run_cli("--config", str(cfg), "postman", "--profile", "dev", "--out", str(out))
@@ -568,6 +591,7 @@ def test_postman_files(running: Running, tmp_path: Path, emulator: Emulator, p12
     env_file = out / "mpagent-dev.postman_environment.json"
     coll_file = out / "mpagent-dev.postman_collection.json"
     assert f"wrote {env_file}" in result.stdout and f"wrote {coll_file}" in result.stdout
+    assert {stat.S_IMODE(f.stat().st_mode) for f in (env_file, coll_file)} == {0o600}
     assert f"-e <(mpagent --config {cfg} postman --profile dev --with-secret)" in result.stdout
     env = {v["key"]: v for v in json.loads(env_file.read_text())["values"]}
     assert env["token_url"]["value"] == f"http://127.0.0.1:{port}/token"

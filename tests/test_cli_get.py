@@ -15,11 +15,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from mpagent import pki
-from mpagent.emulator import Emulator
+from mpagent.emulator import Emulator, pki
 
 from .conftest import CLIENT_ID, PASSWORD, SCOPES, profile_for, run_cli, write_config
-from .keystores import write_cert_pem, write_jks, write_jwk, write_pem, write_pkcs12
+from .keystores import write_cert_pem, write_jks, write_jwk, write_pem
 
 KEY_PASSWORD = "key-pw-2"
 
@@ -174,7 +173,7 @@ def test_expired_certificate(config: Path, emulator: Emulator, ca: pki.Issued) -
     old = pki.make_leaf(
         ca, not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1)
     )
-    ks = write_pkcs12(config.parent / "old.p12", {"auth": old}, PASSWORD)
+    ks = pki.write_pkcs12(config.parent / "old.p12", {"auth": old}, PASSWORD)
     write_config(config, {"dev": profile_for(emulator, ks)})
     result = get(config, SCOPES[0], env={"MPAGENT_KEYSTORE_PASSWORD": PASSWORD})
     assert_failed(result, 78, "expired", str((now - dt.timedelta(days=1)).date()))
@@ -351,7 +350,7 @@ def _mistake(case: str, tmp: Path, ca: pki.Issued, leaf: pki.Issued) -> tuple[Pa
     future = pki.make_leaf(
         ca, not_before=now + dt.timedelta(days=2), not_after=now + dt.timedelta(days=9)
     )
-    return write_pkcs12(tmp / "f.p12", {"auth": future}, PASSWORD), {}, store_only
+    return pki.write_pkcs12(tmp / "f.p12", {"auth": future}, PASSWORD), {}, store_only
 
 
 @pytest.mark.parametrize(

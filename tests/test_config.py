@@ -83,14 +83,16 @@ def test_authorization_details_pass_through(tmp_path: Path) -> None:
     ]
 
 
-def test_profile_choice_order(tmp_path: Path) -> None:
+def test_profile_choice_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The requested profile (--profile, else MPAGENT_PROFILE) beats default_profile, which
-    beats the only profile; the config itself reads no environment variable."""
+    beats the only profile; the config itself reads no environment variable: the caller
+    passes MPAGENT_PROFILE's value."""
     names = ["a", "b", "c"]
     assert config.choose_profile("b", "a", names) == "b"
     assert config.choose_profile(None, "a", names) == "a"
     assert config.choose_profile(None, None, ["only"]) == "only"
     cfg = load(tmp_path, {n: {**BASE, "scopes": [n]} for n in "abc"}, default_profile="a")
+    monkeypatch.setenv("MPAGENT_PROFILE", "b")
     assert cfg.profile().name == "a"
     assert cfg.profile("c").name == "c"
 

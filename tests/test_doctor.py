@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
-from mpagent import doctor, issuer, pki
+from mpagent import doctor, issuer
 from mpagent.config import Profile
 from mpagent.doctor import FAIL, OK, SKIP, WARN, Result
-from mpagent.emulator import Emulator
+from mpagent.emulator import Emulator, pki
+from mpagent.emulator.pki import write_pkcs12
 from mpagent.errors import IssuerRejected
 from mpagent.exchange import Exchange
 from mpagent.issuer import HINTS, Issuer
@@ -28,7 +29,6 @@ from .keystores import (
     write_jks,
     write_jwk,
     write_pem,
-    write_pkcs12,
 )
 
 NOW = dt.datetime.now(dt.UTC)

@@ -30,11 +30,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from mpagent import emulator_rules as rules
-from mpagent.commands import build_parser
-from mpagent.emulator import FAULTS, Emulator
+from mpagent.emulator import Emulator, rules
+from mpagent.emulator.pki import Issued, make_ca, make_leaf, new_rsa_key
+from mpagent.emulator.server import FAULTS
 from mpagent.errors import ConfigError
-from mpagent.pki import Issued, make_ca, make_leaf, new_rsa_key
+from mpagent.fullcli import build_parser
 
 from .agentproc import AgentProcess
 from .conftest import CLIENT_ID, PASSWORD, SCOPES, run_cli, write_config
@@ -605,6 +605,43 @@ def test_serve_forever_stops_quietly_on_ctrl_c() -> None:
         _, stderr = proc.communicate(timeout=5)
     assert proc.returncode == 0, stderr.decode()
     assert stderr == b""
+
+
+def test_emulator_checks_certificates_without_mpagent_keys(pki: Pki, tmp_path: Path) -> None:
+    """The emulator package judges a grant's certificate with its own code: issuing a token
+    for a trusted x5c and refusing an untrusted one never imports mpagent.keys (the client)."""
+    trust = tmp_path / "ca.pem"
+    trust.write_bytes(pki.ca.cert.public_bytes(serialization.Encoding.PEM))
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from mpagent.emulator import Emulator\n"
+        f"clients = [{CLIENT!r} + '=' + {SCOPE!r}]\n"
+        "with Emulator.from_files(clients=clients, trust=[Path(sys.argv[1])]) as emu:\n"
+        "    print(emu.issuer, emu.token_endpoint, flush=True)\n"
+        "    sys.stdin.readline()\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('mpagent'))))\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script, str(trust)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        issuer, token_endpoint = proc.stdout.readline().split()
+        emu: Any = SimpleNamespace(issuer=issuer, token_endpoint=token_endpoint)
+        trusted = post(emu, grant(emu, pki))
+        stranger = pki.issue(pki.other_ca)
+        refused = post(emu, grant(emu, pki, headers={"x5c": x5c(stranger.cert)}))
+        out, err = proc.communicate("\n", timeout=10)
+    assert proc.returncode == 0, err
+    assert "access_token" in trusted.json(), trusted.text
+    assert_rejected(refused, "invalid_grant", "MP-120", "not issued by a trusted CA")
+    loaded = out.split()
+    assert "mpagent.emulator.rules" in loaded
+    assert [m for m in loaded if m.startswith("mpagent.keys")] == []
 
 
 def test_faults_are_consumed_in_order(fresh: Emulator, pki: Pki) -> None:

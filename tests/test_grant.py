@@ -9,9 +9,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from mpagent import grant, pki
-from mpagent.config import scope_string
+from mpagent import grant
+from mpagent.emulator import pki
 from mpagent.keys import SigningKey
+from mpagent.tokens import scope_string
 
 
 @pytest.fixture(scope="module")

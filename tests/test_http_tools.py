@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from mpagent import pki, postman
-from mpagent.emulator import Emulator
+from mpagent import postman
+from mpagent.emulator import Emulator, pki
 
 from .agentproc import wait_for
 from .conftest import CLIENT_ID, SCOPES, run_cli
@@ -98,7 +98,9 @@ def running(
     run.agent.stop()
 
 
-def run_tool(*argv: str, cwd: Path, env: dict[str, str] | None = None, status: int = 0) -> str:
+def run_tool(
+    *argv: str, cwd: Path, env: dict[str, str] | None = None, status: int | None = 0
+) -> str:
     """Run a tool; its exit status must be `status` (0, or None for any failure)."""
     result = subprocess.run(
         argv,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from mpagent import client, paths, pki
-from mpagent.emulator import Emulator
+from mpagent import client, paths
+from mpagent.emulator import Emulator, pki
 
 from .agentproc import AgentProcess, wait_for
 from .conftest import PASSWORD, SCOPES, profile_for, run_cli, write_config

@@ -1,4 +1,4 @@
-"""keys.py: every keystore kind loads into a SigningKey, and every classic key-material mistake is
+"""mpagent.keys: every keystore kind loads into a SigningKey, and every classic key-material mistake is
 its own KeystoreError that names the file, says what to do and never shows a password."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,9 +20,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
-from mpagent import pki
 from mpagent.config import Profile
-from mpagent.emulator import Emulator
+from mpagent.emulator import Emulator, pki
+from mpagent.emulator.pki import write_pkcs12
 from mpagent.errors import (
     ConfigError,
     IssuerRejected,
@@ -40,6 +41,7 @@ from mpagent.keys import (
     key_usages,
     load_signing_key,
 )
+from mpagent.keys.jks import unsupported as jks_unsupported
 from tests.conftest import CLIENT_ID, SCOPES, profile_for, run_cli, write_config
 from tests.keystores import (
     StaticPasswords,
@@ -47,7 +49,6 @@ from tests.keystores import (
     write_jks,
     write_jwk,
     write_pem,
-    write_pkcs12,
 )
 
 STORE_PW = "störe-pw-Ægir-1"  # non-ASCII on purpose: the encodings differ per format
@@ -735,15 +736,77 @@ def test_non_rsa_key_is_refused(tmp_path: Path) -> None:
 def test_jks_without_pyjks_prints_the_keytool_command(
     m: Material, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without pyjks, a JKS error prints the exact keytool conversion and the new path."""
-    path = write_jks(tmp_path / "v.jks", {"auth": m.auth}, STORE_PW, STORE_PW)
+    """Without pyjks (the base install, here on Linux too), a JKS error prints the exact
+    keytool conversion with the paths quoted for the shell, the new path and the extra."""
+    folder = tmp_path / "my keys"
+    folder.mkdir()
+    path = write_jks(folder / "v.jks", {"auth": m.auth}, STORE_PW, STORE_PW)
     monkeypatch.setitem(sys.modules, "jks", None)
-    p12 = tmp_path / "v.p12"
+    p12 = folder / "v.p12"
     command = (
-        f"keytool -importkeystore -srckeystore {path} -srcstoretype JKS "
-        f"-destkeystore {p12} -deststoretype PKCS12"
+        f"`keytool -importkeystore -srckeystore '{path}' -srcstoretype JKS "
+        f"-destkeystore '{p12}' -deststoretype PKCS12`"
     )
-    _fails("jks_unsupported", path, command, f"point `keystore` at {p12}")
+    install = "or add JKS support: `pip install 'mpagent[jks]'` (needs a C compiler)"
+    exc = _fails("jks_unsupported", path, command, f"point `keystore` at {p12}", install)
+    assert exc.message.startswith(f"{path}: reading JKS needs the pyjks package")
+
+
+def test_jks_conversion_command_on_windows_quotes_for_cmd() -> None:
+    """On Windows the keytool command quotes paths as cmd.exe does, and the message says the
+    extra brings JKS support on Linux and macOS only (it installs nothing on Windows)."""
+    path = Path("C:/Users/Kari Nordmann/virksomhet.jks")
+    exc = jks_unsupported(path, "win32")
+    p12 = path.with_suffix(".p12")
+    assert f'-srckeystore "{path}" -srcstoretype JKS -destkeystore "{p12}" -deststoretype' in (
+        exc.message
+    )
+    assert "`pip install 'mpagent[jks]'` adds JKS support on Linux and macOS only" in exc.message
+    assert "C compiler" not in exc.message
+
+
+def test_jks_without_pyjks_through_the_cli(
+    m: Material, tmp_path: Path, home: Path, emulator: Emulator
+) -> None:
+    """`get --no-agent` with a JKS where pyjks cannot be imported: exit 78, nothing on stdout,
+    one line naming the keystore with the keytool command and `mpagent[jks]`; no request."""
+    path = write_jks(tmp_path / "v.jks", {"auth": m.auth}, ASCII_PW, ASCII_PW)
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "jks.py").write_text("raise ImportError('hidden by the test: no pyjks')\n")
+    config = write_config(tmp_path / "config.toml", {"dev": profile_for(emulator, path)})
+    env = {"MPAGENT_KEYSTORE_PASSWORD": ASCII_PW, "PYTHONPATH": str(hide)}
+    result = run_cli("--config", str(config), "get", SCOPES[0], "--no-agent", env=env)
+    assert result.returncode == 78 and result.stdout == "", result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"mpagent: {path}: reading JKS needs the pyjks package")
+    assert f"keytool -importkeystore -srckeystore {path} -srcstoretype JKS" in line
+    assert "pip install 'mpagent[jks]'" in line
+    assert emulator.token_requests == 0
+
+
+def test_import_and_pem_load_need_neither_pyjks_nor_pyasn1(m: Material, tmp_path: Path) -> None:
+    """`import mpagent.keys` and loading a PEM key import no pyjks, twofish or pyasn1: they
+    are imported only when a JKS or a PKCS#12 is loaded."""
+    path = write_pem(tmp_path / "k.pem", m.auth, include_cert=True)
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import mpagent.keys\n"
+        "class P:\n"
+        "    def keystore(self): return None\n"
+        "    def key(self): return None\n"
+        f"mpagent.keys.load_signing_key(Path({str(path)!r}), passwords=P())\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = result.stdout.split()
+    assert "mpagent.keys.jks" in loaded  # the format module itself is loaded, not pyjks
+    heavy = [n for n in loaded if n.split(".")[0] in ("jks", "twofish", "pyasn1", "pyasn1_modules")]
+    assert heavy == []
 
 
 # --- the key usage warning end to end: the real CLI, the emulator, exchange --------------------

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from mpagent import config, pki
-from mpagent.emulator import Emulator
+from mpagent import config
+from mpagent.emulator import Emulator, pki
 from mpagent.errors import ConfigError, SecretUnavailable
 from mpagent.passwords import COMMAND_TIMEOUT, ProfilePasswords, env_names
 
@@ -420,8 +420,8 @@ def test_test_and_prod_with_different_passwords_in_one_agent(
 ) -> None:
     """One agent serves test and prod, each keystore opened with its own per-profile
     variable, which beats a (wrong) global MPAGENT_KEYSTORE_PASSWORD."""
-    test_ks = pki.write_pkcs12(tmp_path / "test.p12", leaf, ca, TEST_PW)
-    prod_ks = pki.write_pkcs12(tmp_path / "prod.p12", leaf, ca, PROD_PW)
+    test_ks = pki.write_pkcs12(tmp_path / "test.p12", {"auth": leaf}, TEST_PW, [ca.cert])
+    prod_ks = pki.write_pkcs12(tmp_path / "prod.p12", {"auth": leaf}, PROD_PW, [ca.cert])
     cfg = write_config(
         tmp_path / "config.toml",
         {"test": profile_for(emulator, test_ks), "prod": profile_for(emulator, prod_ks)},

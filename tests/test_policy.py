@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mpagent import tokens
-from mpagent.issuer import Token
+from mpagent.tokens import Token
 
 
 def token(requested_at: float = 1000.0, lifetime: float = 120.0) -> Token:
@@ -67,3 +67,31 @@ def test_token_key_orders_and_names() -> None:
     b = tokens.TokenKey("p", "test", "c", "sha256:x", "a b", "{}")
     assert a == b and hash(a) == hash(b) and str(a) == "p:a b"
     assert a != tokens.TokenKey("p", "test", "c", "sha256:y", "a b", "{}")
+
+
+def test_a_token_shows_only_its_fingerprint() -> None:
+    """repr(Token) and fingerprint() show the length and last four characters, never the token."""
+    t = Token("eyJhbGciOi.secret-part.sig-WXYZ", "Bearer", "a b", 1000.0, 1120.0)
+    assert tokens.fingerprint(t.access_token) == "…WXYZ(31)"
+    assert repr(t) == "Token(scope='a b', expires_at=1120, fp=…WXYZ(31))"
+    assert "secret-part" not in repr(t) and t.lifetime == 120.0
+
+
+def test_scope_string_is_the_canonical_scope_set() -> None:
+    """Scopes split on spaces, de-duplicated and sorted, whatever order they come in."""
+    assert tokens.scope_string(["b a", "a", "c  b"]) == "a b c"
+    assert tokens.scope_string([]) == ""
+
+
+def test_the_policy_imports_no_io() -> None:
+    """Importing tokens loads no other mpagent module, and neither requests nor asyncio."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mpagent.tokens\n"
+        "print(sorted(m for m in sys.modules if m.startswith('mpagent') or m in "
+        "('requests', 'asyncio', 'socket')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['mpagent', 'mpagent.tokens']"

@@ -11,8 +11,9 @@ from pathlib import Path
 import jwt
 import pytest
 
-from mpagent import paths, pki
-from mpagent.emulator import Emulator
+from mpagent import client, paths
+from mpagent.emulator import Emulator, pki
+from mpagent.errors import ConfigError
 
 from .agentproc import AgentProcess, status, wait_for
 from .conftest import CLIENT_ID, PASSWORD, SCOPES, profile_for, run_cli, write_config
@@ -172,6 +173,9 @@ def test_start_with_one_profile_unusable(
         assert failed.returncode == 78 and failed.stdout == ""
         assert str(prod_p12) in failed.stderr and failed.stderr.startswith("mpagent: ")
         assert str(prod_p12) in status()["profiles"]["prod"]
+        with pytest.raises(ConfigError) as env:  # `env` fails as `get` does
+            client.call(paths.socket_path(), "env", [("profile", "prod")])
+        assert env.value.exit_code == 78 and str(prod_p12) in str(env.value)
         shutil.copy(p12, prod_p12)
         wait_for(lambda: status()["profiles"]["prod"] is None)
         assert run_cli("get", "-p", "prod", SCOPE).returncode == 0
@@ -216,6 +220,29 @@ def test_unknown_profile_gets_did_you_mean(agent: AgentProcess) -> None:
     result = run_cli("get", "-p", "prdo", SCOPE)
     assert result.returncode == 78
     assert "no profile 'prdo' (profiles: prod, test); did you mean 'prod'?" in result.stderr
+
+
+def test_env_verb_names_each_profiles_tokens(
+    agent: AgentProcess, test_issuer: Emulator, prod_issuer: Emulator
+) -> None:
+    """The agent's `env` for prod gives prod's token under prod's names only; for the default
+    profile (test) also the short names; an unknown profile fails as `get` does (78)."""
+
+    def env(*profile: str) -> list[tuple[str, str]]:
+        fields = client.call(paths.socket_path(), "env", [("profile", p) for p in profile])
+        return [(fields[i][1], fields[i + 1][1]) for i in range(0, len(fields), 2)]
+
+    prod = env("prod")
+    assert [name for name, _ in prod] == [PROD_NAME, f"{PROD_NAME}_EXPIRES_AT"]
+    assert issuer_of(prod[0][1]) == prod_issuer.issuer
+    default = env()
+    names = [TEST_NAME, f"{TEST_NAME}_EXPIRES_AT", SHORT, f"{SHORT}_EXPIRES_AT"]
+    assert [name for name, _ in default] == names
+    assert issuer_of(default[0][1]) == test_issuer.issuer == issuer_of(default[2][1])
+    with pytest.raises(ConfigError) as unknown:
+        env("prdo")
+    assert unknown.value.exit_code == 78
+    assert "no profile 'prdo' (profiles: prod, test); did you mean 'prod'?" in str(unknown.value)
 
 
 def test_typo_in_an_on_demand_scope(agent: AgentProcess) -> None:

@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpagent import config as config_module
-from mpagent import envfile, paths, pki
-from mpagent.emulator import Emulator
+from mpagent import envfile, paths
+from mpagent.emulator import Emulator, pki
 from mpagent.errors import ConfigError
 from mpagent.properties import (
     environment_for,
@@ -107,11 +107,6 @@ def claims_of(token: str) -> dict[str, Any]:
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-@pytest.fixture
-def p12_bytes(p12: Path) -> bytes:
-    return p12.read_bytes()
 
 
 @pytest.fixture
@@ -562,6 +557,26 @@ def test_inline_keystore_written_0600(tmp_path: Path, home: Path, p12_bytes: byt
     assert (mode(written), mode(written.parent)) == (0o600, 0o700)
     assert config_module.load(config).profiles["dev"].keystore == written
     assert encoded[:40] not in output + config.read_text()
+
+
+def test_inline_keystore_never_replaces_a_file_or_a_symlink(
+    tmp_path: Path, home: Path, p12_bytes: bytes
+) -> None:
+    """Where keystores/NAME.p12 exists already, even as a symlink planted there, the import
+    exits 78 naming it, writes nothing through the link and creates no config."""
+    source = write_props(tmp_path / "c.properties", {**BASE, "keystore.file": inline(p12_bytes)})
+    config = tmp_path / "cfg" / "config.toml"
+    (config.parent / "keystores").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("not yours\n")
+    link = config.parent / "keystores" / "dev.p12"
+    link.symlink_to(elsewhere)
+    result = import_cli(config, source, "--profile", "dev")
+    assert result.returncode == 78 and result.stdout == ""
+    assert f"mpagent: {link} exists already; remove it, or import under another name" in (
+        result.stderr
+    )
+    assert elsewhere.read_text() == "not yours\n" and not config.exists()
 
 
 def test_existing_config_is_preserved(tmp_path: Path, home: Path, base: dict[str, str]) -> None:

@@ -3,6 +3,7 @@ through the real error_reply and client decoding."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mpagent import client, errors, protocol, server
+from mpagent import client, errors, protocol, server, tokens
 
 keys = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
 words = st.text(alphabet="abcdefghijklmnopqrstuvwxyz/0123456789", min_size=1, max_size=12)
@@ -57,6 +58,78 @@ def test_repeated_fields() -> None:
     assert protocol.first(fields, "scope") == "a" and protocol.first(fields, "x") is None
 
 
+@given(st.binary(max_size=40).filter(lambda b: b"\n" not in b), st.data())
+def test_line_reader_any_split(body: bytes, data: st.DataObject) -> None:
+    """However the bytes are split, the feed that brings the newline returns the line, whole
+    and without what follows it; every feed before it returns None."""
+    stream = body + b"\nafter"
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    reader = protocol.LineReader(40)
+    results = [reader.feed(piece) for piece in pieces]
+    first = next(i for i, r in enumerate(results) if r is not None)
+    assert results[first] == body + b"\n"
+    assert len(b"".join(pieces[: first + 1])) > len(body) >= len(b"".join(pieces[:first]))
+
+
+def test_line_reader_limit() -> None:
+    """A line of exactly `limit` bytes before its newline is taken; one byte more without a
+    newline is refused at once, without waiting for the rest."""
+    assert protocol.LineReader(5).feed(b"abcde\n") == b"abcde\n"
+    reader = protocol.LineReader(5)
+    assert reader.feed(b"abcde") is None
+    with pytest.raises(protocol.MessageError, match="no newline within 5 bytes"):
+        reader.feed(b"f")
+
+
+def test_line_reader_newline_after_the_limit_is_too_late() -> None:
+    """A newline that comes after more than `limit` bytes does not make the line acceptable."""
+    with pytest.raises(protocol.MessageError):
+        protocol.LineReader(5).feed(b"abcdef\n")
+
+
+def test_read_line_over_a_socket() -> None:
+    """read_line returns the line from a real socket, newline included, in small pieces too."""
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(b"ok a=1 b=2\nrest")
+        assert protocol.read_line(lambda n: right.recv(min(n, 3)), 100) == b"ok a=1 b=2\n"
+
+
+def test_read_line_at_end_of_stream() -> None:
+    """At end of stream read_line returns what arrived, without a newline (maybe nothing)."""
+    for sent in (b"", b"ok a=1"):
+        left, right = socket.socketpair()
+        with left, right:
+            left.sendall(sent)
+            left.shutdown(socket.SHUT_WR)
+            assert protocol.read_line(right.recv, 100) == sent
+
+
+def test_read_line_over_the_limit() -> None:
+    """read_line refuses a line longer than its limit, and reads no more than limit+1 bytes."""
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(b"x" * 50)
+        with pytest.raises(protocol.MessageError, match="within 10 bytes"):
+            protocol.read_line(right.recv, 10)
+        assert len(right.recv(100)) == 50 - 11
+
+
+def test_protocol_imports_nothing_heavy() -> None:
+    """protocol is on the hot path: importing it brings in no json, re, typing or asyncio
+    (site may have imported re already, so count only what the import adds)."""
+    code = (
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        "import mpagent.protocol\n"
+        "added = set(sys.modules) - before\n"
+        "print(sorted({'json', 're', 'typing', 'asyncio', 'socket'} & added))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
 def _hierarchy(cls: type[errors.MpagentError]) -> set[type[errors.MpagentError]]:
     return {cls}.union(*(_hierarchy(sub) for sub in cls.__subclasses__()))
 
@@ -79,7 +152,10 @@ DETAILS = {
 }
 
 
-@pytest.mark.parametrize("cls", list(errors._BY_KIND.values()), ids=list(errors._BY_KIND))
+EVERY_ERROR = sorted(_hierarchy(errors.MpagentError), key=lambda cls: cls.__name__)
+
+
+@pytest.mark.parametrize("cls", EVERY_ERROR, ids=[cls.__name__ for cls in EVERY_ERROR])
 def test_every_error_class_survives_the_socket(cls: type[errors.MpagentError]) -> None:
     """Each error class crosses error_reply and the client as the same class, message,
     exit code and details, each detail with its type (str, bool, int, list, None)."""
@@ -132,6 +208,32 @@ def test_string_errors_decode_without_json() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_token_reply_round_trip() -> None:
+    """The reply to `get` carries the token, its expiry to the millisecond, scope, type and
+    each warning, and the client reads them back as sent."""
+    token = tokens.Token("eyJ.a.b", "Bearer", "a:b c:d", 1764420000.0, 1764420120.12345)
+    fields = client.parse_reply(server.token_reply(token, ("w 1", "w%2")))
+    assert fields == [
+        ("token", "eyJ.a.b"),
+        ("expires_at", "1764420120.123"),
+        ("scope", "a:b c:d"),
+        ("token_type", "Bearer"),
+        ("warning", "w 1"),
+        ("warning", "w%2"),
+    ]
+
+
+def test_ok_and_json_replies() -> None:
+    """ok_reply sends its fields (none: a bare `ok`); json_reply one `json` field."""
+    assert server.ok_reply() == b"ok\n"
+    assert client.parse_reply(server.ok_reply([("pid", "7"), ("locked", "a b")])) == [
+        ("pid", "7"),
+        ("locked", "a b"),
+    ]
+    (field,) = client.parse_reply(server.json_reply({"unusable": {"dev": "x y"}}))
+    assert field == ("json", '{"unusable": {"dev": "x y"}}')
 
 
 def test_details_cannot_overwrite_kind_or_message() -> None:

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib.resources import files
 from itertools import takewhile
 from pathlib import Path
 from string import Template
@@ -19,10 +20,11 @@ import pytest
 
 from mpagent import client, paths, service
 from mpagent.emulator import Emulator
-from mpagent.errors import ConfigError
+from mpagent.errors import ConfigError, MpagentError
 
 from .agentproc import AgentProcess, wait_for
 from .conftest import PASSWORD, SCOPES, profile_for, run_cli, write_config
+from .test_envfile import HOLD_LOCK
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,14 +78,32 @@ def exec_line(unit: str) -> str:
 # -- rendering ----------------------------------------------------------------------------
 
 
-def test_rendered_text_equals_the_top_level_templates() -> None:
-    """The embedded templates, rendered, equal systemd/ and launchd/ after substitution."""
+@pytest.mark.parametrize(
+    "readable",
+    ["systemd/mpagent.socket", "systemd/mpagent.service", f"launchd/{service.LABEL}.plist"],
+)
+def test_top_level_templates_equal_the_package_data(readable: str) -> None:
+    """Each file in systemd/ and launchd/ is byte for byte the template shipped in
+    mpagent/units, the one `mpagent service` renders."""
+    shipped = files("mpagent") / "units" / Path(readable).name
+    assert (ROOT / readable).read_bytes() == shipped.read_bytes()
+
+
+def test_package_data_holds_exactly_the_templates() -> None:
+    """mpagent/units ships the three templates and nothing else (no stray copy to drift)."""
+    shipped = sorted(entry.name for entry in (files("mpagent") / "units").iterdir())
+    assert shipped == ["mpagent.service", "mpagent.socket", f"{service.LABEL}.plist"]
+
+
+def test_rendering_fills_the_documented_placeholders() -> None:
+    """The socket unit is the template as it is; the service's ${EXEC} and the plist's
+    ${PROGRAM_ARGUMENTS} and ${LOG_FILE} are filled in, quoted for systemd or XML."""
     argv = ["/opt/mp agent/bin/mpagent", "--config", "/etc/mp&<cfg>.toml"]
     exec_words = '"/opt/mp agent/bin/mpagent" --config "/etc/mp&<cfg>.toml"'
     socket_file = (ROOT / "systemd" / "mpagent.socket").read_text()
     service_file = Template((ROOT / "systemd" / "mpagent.service").read_text())
     plist_file = Template((ROOT / "launchd" / f"{service.LABEL}.plist").read_text())
-    assert socket_file == service.SOCKET_UNIT
+    assert service.render_socket() == socket_file and "$" not in socket_file
     assert service.render_service(argv) == service_file.substitute(EXEC=exec_words)
     log = Path("/Users/kari/Library/Logs/mpagent/agent.log")
     arguments = "\n".join(
@@ -152,7 +172,7 @@ def test_install_writes_units_and_enables_the_socket(config: Path, shim: dict[st
     executable = exec_line(unit).removeprefix("ExecStart=").split()[0]
     assert os.path.isabs(executable) and os.access(executable, os.X_OK)
     assert exec_line(unit).endswith(f"--config {config} agent")
-    assert (unit_dir() / "mpagent.socket").read_text() == service.SOCKET_UNIT
+    assert (unit_dir() / "mpagent.socket").read_text() == service.render_socket()
     assert calls(shim) == [
         "systemctl --user daemon-reload",
         "systemctl --user enable --now mpagent.socket",
@@ -179,7 +199,7 @@ def test_dry_run_prints_everything_and_does_nothing(config: Path, shim: dict[str
     result = run_cli("--config", str(config), "service", "install", "--dry-run", env=shim)
     assert result.returncode == 0, result.stderr
     socket_unit, service_unit = unit_dir() / "mpagent.socket", unit_dir() / "mpagent.service"
-    assert f"cat > {socket_unit} <<'EOF'\n{service.SOCKET_UNIT}EOF\n" in result.stdout
+    assert f"cat > {socket_unit} <<'EOF'\n{service.render_socket()}EOF\n" in result.stdout
     assert f"cat > {service_unit} <<'EOF'\n" in result.stdout
     assert "systemctl --user enable --now mpagent.socket\n" in result.stdout
     assert not unit_dir().exists() and calls(shim) == []
@@ -316,6 +336,27 @@ def test_install_takes_over_from_a_self_started_agent(
         assert agent.proc.wait(10) == 0
     finally:
         agent.stop()
+
+
+def test_install_stops_waiting_for_an_agent_that_holds_its_lock(tmp_path: Path) -> None:
+    """While the old agent still holds its lock past the deadline, install gives up with a
+    message saying how to go on; with no lock file (no agent ever ran there), it goes on."""
+    lock_file = tmp_path / "agent.sock.lock"
+    service._wait_for_lock(lock_file, time.monotonic())  # no file: nothing to wait for
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(lock_file)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    ) as holder:
+        assert holder.stdout is not None
+        holder.stdout.readline()  # it holds the lock now
+        with pytest.raises(MpagentError) as raised:
+            service._wait_for_lock(lock_file, time.monotonic() + 0.2)
+    assert str(raised.value) == (
+        f"the running agent did not stop within {service.STOP_TIMEOUT:g} s; stop it with "
+        "`mpagent stop` and run `mpagent service install` again"
+    )
+    assert raised.value.exit_code == 1
 
 
 # -- one owner of start-up ----------------------------------------------------------------

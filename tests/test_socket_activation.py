@@ -8,12 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mpagent import paths
+from mpagent import paths, protocol
 from mpagent.emulator import Emulator
 
 from .conftest import PASSWORD, SCOPES, profile_for, run_cli, write_config
@@ -198,4 +199,28 @@ def test_bad_config_answers_the_waiting_clients(
     out, err = early.communicate(timeout=10)
     assert early.returncode == 78 and out == ""
     assert "[agent] idle_timeout is 'soon'" in err, err
+    assert agent.wait(10) == 78
+
+
+def test_bad_config_waits_for_a_trickling_request(
+    listener: socket.socket, agents: list, notify: socket.socket, tmp_path: Path
+) -> None:
+    """A queued client whose request arrives a byte at a time is answered with the config
+    error once its whole line is there, not cut off after the first bytes (which would break
+    its next write)."""
+    broken = tmp_path / "broken.toml"
+    broken.write_text('[profiles.dev]\nenvironment = "test"\n[agent]\nidle_timeout = "soon"\n')
+    request = b"mpagent/1 get scope=" + b"s" * 100 + b"\n"
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(20)
+        client.connect(listener.getsockname())
+        client.sendall(request[:10])
+        agent = activate(agents, listener, broken, notify, tmp_path / "agent.log")
+        for i in range(10, len(request)):  # about 3 s, longer than the agent takes to start
+            time.sleep(0.03)
+            client.sendall(request[i : i + 1])
+        reply = b"".join(iter(lambda: client.recv(65536), b""))
+    words, fields = protocol.decode(reply)
+    assert words == ["error"] and protocol.first(fields, "kind") == "config", reply
+    assert "[agent] idle_timeout is 'soon'" in (protocol.first(fields, "message") or ""), reply
     assert agent.wait(10) == 78

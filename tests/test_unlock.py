@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mpagent import pki
-from mpagent.emulator import Emulator
+from mpagent.emulator import Emulator, pki
 
 from .agentproc import status, wait_for
 from .conftest import PASSWORD, SCOPES, profile_for, run_cli, write_config

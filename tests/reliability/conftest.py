@@ -18,11 +18,12 @@ HERE = Path(__file__).parent
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects, which is also this hook
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test in this directory is `reliability`: `pytest -m "not reliability"` is the fast
-    suite; plain `pytest` (the README's command, and CI's) runs both."""
+    """Every test in this directory is `reliability` and `slow`: `pytest -m "not slow"` is the
+    fast suite, `pytest -m slow` the rest (serial: these tests time real behaviour)."""
     for item in items:
         if HERE in item.path.parents:
             item.add_marker(pytest.mark.reliability)
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

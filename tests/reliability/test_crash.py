@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from mpagent import client, envfile, paths, pki
+from mpagent import client, envfile, paths, private
+from mpagent.emulator import pki
 
 from ..agentproc import AgentProcess, wait_for
 from ..conftest import CLIENT_ID, PASSWORD, SCOPES, profile_for, run_cli, write_config
@@ -63,7 +64,7 @@ def test_kill_9_during_env_file_rewrites(
     rng = random.Random(7)
 
     def is_temp(name: str) -> bool:
-        return name.startswith(temp_prefix) and name.endswith(envfile.TEMP_SUFFIX)
+        return name.startswith(temp_prefix) and name.endswith(private.TEMP_SUFFIX)
 
     first = run_cli("get", SCOPES[0])
     assert first.returncode == 0, first.stderr

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from mpagent import paths, pki
-from mpagent.emulator import Emulator
+from mpagent import paths
+from mpagent.emulator import Emulator, pki
 
 from ..agentproc import AgentProcess, status, wait_for
 from ..conftest import CLIENT_ID, PASSWORD, SCOPES, profile_for, run_cli, write_config

@@ -26,7 +26,8 @@ from typing import Any
 import jwt
 import pytest
 
-from mpagent import client, paths, pki, protocol, server
+from mpagent import client, paths, protocol, server
+from mpagent.emulator import pki
 from mpagent.errors import IssuerRejected, MpagentError, ProtocolError
 from mpagent.logs import RateLimit
 

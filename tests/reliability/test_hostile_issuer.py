@@ -28,9 +28,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from mpagent import agent, client, paths, pki, report
+from mpagent import client, logs, paths, report
 from mpagent import issuer as issuer_module
-from mpagent.emulator import Emulator
+from mpagent.emulator import Emulator, pki
 from mpagent.errors import AgentNotRunning, MpagentError
 
 from ..agentproc import AgentProcess, wait_for
@@ -594,7 +594,7 @@ def test_log_formatter_escapes_the_message_and_keeps_traceback_lines() -> None:
     except ValueError:
         record = logging.LogRecord("t", logging.ERROR, __file__, 1, "%s", ("a\x1bb\nc",), None)
         record.exc_info = sys.exc_info()
-    for formatter in (agent.PLAIN, agent.JournalFormatter()):
+    for formatter in (logs.PLAIN, logs.JournalFormatter()):
         text = formatter.format(record)
         first, *trace = text.split("\n")
         assert first.endswith("a\\x1bb\\x0ac") and trace[0] == "Traceback (most recent call last):"

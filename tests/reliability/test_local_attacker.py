@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from mpagent import bridge, paths
+from mpagent import bridge, paths, peers
 
 from ..agentproc import AgentProcess, wait_for
 from ..conftest import PASSWORD, SCOPES, profile_for, run_cli, write_config
@@ -274,7 +274,8 @@ def test_idle_connections_of_another_user_leave_the_bridge_to_its_user(
     cfg = bridge_config(tmp_path / "config.toml", emulator, p12, port)
     bridged = start_agent(cfg, tmp_path / "agent.log", port, make_secret(cfg))
     holder = Attacker(other_user, HOLD, str(port), "200")
-    latencies, failures = [], []
+    latencies: list[float] = []
+    failures: list[int | str] = []  # a status code, or the exception's name
     try:
         time.sleep(1.0)  # let it settle into holding what it can
         for _ in range(10):
@@ -319,7 +320,7 @@ def test_the_agents_user_gets_a_slot_past_its_own_idle_connections(
     assert took < 1.0
 
 
-# -- the pure parts: slots per peer uid, /proc/net/tcp addresses; the peer lookup
+# -- the pure parts: slots per peer uid (bridge), /proc/net/tcp addresses; the peer lookup (peers)
 
 
 class Closed(list[str]):
@@ -376,9 +377,9 @@ def test_proc_net_tcp_spells_addresses_as_the_kernel_does() -> None:
     if socket.htonl(1) == 1:
         pytest.skip("the expected spelling is for little-endian machines")
     v4 = {"tcp": "0100007F:223D", "tcp6": "0000000000000000FFFF00000100007F:223D"}
-    assert bridge.proc_address("127.0.0.1", 8765) == v4
-    assert bridge.proc_address("::ffff:127.0.0.1", 8765) == v4  # a dual-stack socket's view
-    assert bridge.proc_address("::1", 8765) == {"tcp6": "00000000000000000000000001000000:223D"}
+    assert peers.proc_address("127.0.0.1", 8765) == v4
+    assert peers.proc_address("::ffff:127.0.0.1", 8765) == v4  # a dual-stack socket's view
+    assert peers.proc_address("::1", 8765) == {"tcp6": "00000000000000000000000001000000:223D"}
 
 
 @pytest.mark.parametrize("way", ["peer_by_netlink", "peer_by_proc"])
@@ -386,7 +387,7 @@ def test_proc_net_tcp_spells_addresses_as_the_kernel_does() -> None:
 def test_the_peer_of_a_loopback_connection_is_found_with_its_uid(host: str, way: str) -> None:
     """A real loopback connection: each end finds the other's socket and its uid (ours), by
     sock_diag and by /proc/net/tcp{,6} alike."""
-    find = getattr(bridge, way)
+    find = getattr(peers, way)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         listener = socket.socket(family)

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from mpagent import autostart, client, paths, pki, protocol
+from mpagent import autostart, client, paths, protocol
+from mpagent.emulator import pki
 
 from ..agentproc import wait_for
 from ..conftest import CLIENT_ID, PASSWORD, SCOPES, profile_for, run_cli, write_config

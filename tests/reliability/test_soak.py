@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from mpagent import client, paths, pki
-from mpagent.emulator import Emulator
+from mpagent import client, paths
+from mpagent.emulator import Emulator, pki
 from mpagent.errors import IssuerRejected
 
 from ..agentproc import AgentProcess, wait_for

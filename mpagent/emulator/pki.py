@@ -4,6 +4,11 @@ and the tests. Nothing here is ever used against the real Maskinporten."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,13 +96,63 @@ def make_leaf(
     return Issued(key, cert)
 
 
-def write_pkcs12(path: Path, leaf: Issued, ca: Issued, password: str) -> Path:
-    """A PKCS#12 keystore the way business certificates come: key, certificate, CA."""
-    encryption = BestAvailableEncryption(password.encode())
-    path.write_bytes(
-        pkcs12.serialize_key_and_certificates(b"auth", leaf.key, leaf.cert, [ca.cert], encryption)
-    )
+def write_pkcs12(
+    path: Path,
+    entries: Mapping[str, Issued],
+    password: str,
+    ca_chain: Sequence[x509.Certificate] = (),
+    trusted: Mapping[str, x509.Certificate] | None = None,
+) -> Path:
+    """A PKCS#12 keystore the way business certificates come: each entry (alias -> key and
+    certificate) with the CA chain. One entry is written by cryptography; several by keytool
+    merging single-key files, as users' keystores with two keys are really made. `trusted`
+    adds named certificates without a key (keytool's trusted-certificate entries; one-entry
+    files only)."""
+    if len(entries) == 1:
+        [(alias, issued)] = entries.items()
+        named = [pkcs12.PKCS12Certificate(c, a.encode()) for a, c in (trusted or {}).items()]
+        path.write_bytes(_pkcs12_bytes(alias, issued, password, [*ca_chain, *named]))
+        return path
+    if trusted:
+        raise ValueError("trusted certificates are supported in one-entry PKCS#12 files only")
+    if not password.isascii():  # Java's PKCS#12 PBES2 refuses it: "Password is not ASCII"
+        raise ValueError("keytool cannot write a PKCS#12 with a non-ASCII password")
+    keytool = shutil.which("keytool")
+    if keytool is None:
+        raise RuntimeError("keytool is needed for a PKCS#12 with several keys (install a JDK)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for alias, issued in entries.items():
+            single = Path(tmp) / f"{alias}.p12"
+            single.write_bytes(_pkcs12_bytes(alias, issued, password, ca_chain))
+            _keytool_merge(keytool, single, path, password)
     return path
+
+
+def _pkcs12_bytes(
+    alias: str,
+    issued: Issued,
+    password: str,
+    ca_chain: Sequence[x509.Certificate | pkcs12.PKCS12Certificate],
+) -> bytes:
+    encryption = BestAvailableEncryption(password.encode())
+    return pkcs12.serialize_key_and_certificates(
+        alias.encode(), issued.key, issued.cert, list(ca_chain) or None, encryption
+    )
+
+
+def _keytool_merge(keytool: str, source: Path, dest: Path, password: str) -> None:
+    """keytool reads the password from its environment (`:env`), not from the argv."""
+    subprocess.run(
+        [
+            *(keytool, "-importkeystore", "-noprompt"),
+            *("-srckeystore", str(source), "-srcstoretype", "PKCS12"),
+            *("-destkeystore", str(dest), "-deststoretype", "PKCS12"),
+            *("-srcstorepass:env", "MPAGENT_PKI_PW", "-deststorepass:env", "MPAGENT_PKI_PW"),
+        ],
+        env={**os.environ, "MPAGENT_PKI_PW": password},
+        check=True,
+        capture_output=True,
+    )
 
 
 def _key_usage(

@@ -1,5 +1,5 @@
 """A local Maskinporten emulator: real HTTP on loopback, enforcing the grant rules of
-MASKINPORTEN.md §2-§4 (see `emulator_rules`) with Maskinporten's error shape, codes and texts.
+MASKINPORTEN.md §2-§4 (see `rules`) with Maskinporten's error shape, codes and texts.
 
 For development and CI only: it issues tokens signed by a throwaway key generated at start-up.
 `Emulator` holds the state (seen jtis, injected and random faults, counters) and `_Handler` only
@@ -31,10 +31,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from mpagent import emulator_rules as rules
+import mpagent.emulator.rules as rules
 from mpagent.errors import ConfigError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mpagent.emulator")  # the package's name: bench and tests listen to it
 
 METADATA_PATH = "/.well-known/oauth-authorization-server"
 MAX_BODY = 1 << 20

@@ -1,5 +1,8 @@
-"""The command line's cold half: argparse and every command except a cached `get`.
-Each command imports what it needs inside its own function."""
+"""The command line's cold half: argparse, and every command but the fast path (`fastcli`:
+a cached `get` and `env`, which it reuses). Each command imports what it needs inside its own
+function. Only it, cli, fastcli and console print or choose an exit status. It never imports
+`cli` (which imports it, lazily).
+"""
 
 from __future__ import annotations
 
@@ -7,19 +10,35 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mpagent.cli import (
-    ask_agent,
-    cmd_get,
-    get_token,
-    printable,
-    profile_name,
-    say,
-    write_token,
+from mpagent import fastcli
+from mpagent.ask import ask_agent, profile_name
+from mpagent.console import printable, say
+from mpagent.errors import (
+    AgentNotRunning,
+    ConfigError,
+    KeystoreError,
+    MpagentError,
+    SecretUnavailable,
 )
-from mpagent.errors import AgentNotRunning, MpagentError
+from mpagent.fastcli import get_token, write_token
 from mpagent.paths import socket_path
+
+if TYPE_CHECKING:
+    from mpagent.config import Profile
+
+
+def run(argv: list[str]) -> int:
+    """Parse argv and run its command; the exit status. An MpagentError is one line on
+    stderr and its exit status; a usage mistake, argparse's message and 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help(sys.stderr)
+        return 2
+    log_to_stderr(args)
+    return fastcli.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,13 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     profile_option(p)
 
-    p = command("env", cmd_env, "print `export NAME=token` lines for eval")
+    p = command("env", fastcli.cmd_env, "print `export NAME=token` lines for eval")
     profile_option(p)
+    p.set_defaults(scopes=[])  # every scope the profile lists
     p = command("exec", cmd_exec, "run CMD with the token variables in its environment")
     profile_option(p)
     p.add_argument(
         "--scope",
         action="append",
+        dest="scopes",
         default=[],
         metavar="SCOPE",
         help="put this scope's token in the environment; repeatable "
@@ -348,8 +369,11 @@ def open_profile(args: argparse.Namespace) -> Any:
     return exchange
 
 
-def get_without_agent(args: Any) -> int:
-    """`get --no-agent`: sign and exchange in this process."""
+def cmd_get(args: argparse.Namespace) -> int:
+    """`get` through the agent as on the fast path; with --no-agent, sign and exchange in
+    this process."""
+    if not args.no_agent:
+        return fastcli.cmd_get(args)
     token = open_profile(args).fetch(args.scopes)
     write_token(token.access_token, token.token_type, token.scope, token.expires_at, args.json)
     return 0
@@ -474,46 +498,17 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     return status
 
 
-def token_variables(args: argparse.Namespace, scopes: list[str]) -> dict[str, str]:
-    """NAME → token for the given scopes, or for every scope the profile configures, under
-    the names the env file uses."""
-    from mpagent import envfile
-    from mpagent.config import scope_string
-
-    cfg = load_config(args)
-    profile = cfg.profile(profile_name(args))
-    variables = {}
-    for scope in scopes or profile.scopes:
-        fields = [("scope", scope), ("profile", profile.name)]
-        reply = dict(ask_agent(args, "get", fields))
-        expires_at = str(int(float(reply["expires_at"])))
-        short = profile.name == cfg.default_name
-        for name in envfile.variable_names(
-            profile.name, scope_string([scope]), profile.env_names, short=short
-        ):
-            variables[name] = reply["token"]
-            variables[name + "_EXPIRES_AT"] = expires_at
-    return variables
-
-
-def cmd_env(args: argparse.Namespace) -> int:
-    for name, value in token_variables(args, []).items():
-        print(f"export {name}={value}")
-    return 0
-
-
 def cmd_exec(args: argparse.Namespace) -> int:
+    """CMD with the variables of `env` (the agent's answer to it) added to its environment."""
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
-        print(
-            "mpagent: exec needs a command: mpagent exec [--scope S] -- CMD ARGS", file=sys.stderr
-        )
+        say("exec needs a command: mpagent exec [--scope S] -- CMD ARGS")
         return 2
-    env = {**os.environ, **token_variables(args, args.scope)}
+    env = {**os.environ, **dict(fastcli.ask_env(args))}
     try:
         os.execvpe(command[0], command, env)
     except OSError as exc:
-        print(f"mpagent: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
+        say(f"cannot run {command[0]}: {exc.strerror}")
         return 127
 
 
@@ -524,21 +519,226 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 
 def cmd_unlock(args: argparse.Namespace) -> int:
-    from mpagent import unlock
+    from mpagent import config, unlock
 
-    return unlock.cmd_unlock(args)
+    cfg = config.load(args.config)
+    names = unlock.chosen(args, cfg)
+    if not names:
+        say("no profile is locked; nothing to unlock")
+        return 0
+    unlock.hand_over(args, cfg, names, say)
+    return 0
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
     from mpagent import unlock
 
-    return unlock.cmd_lock(args)
+    locked = unlock.lock(args)
+    if not locked:
+        say("no password given by `mpagent unlock` was held; nothing to forget")
+    for name in locked:
+        say(f"profile {name} locked: its password and tokens are forgotten")
+    return 0
+
+
+# -- `mpagent secret`: a profile's passwords in the OS keyring ---------------------------
+#
+# `set` opens the profile's keystore with the password before storing it, so a wrong one is
+# refused at once instead of showing up later in the agent. The keyring itself is reached only
+# through mpagent.passwords. No password is ever printed, logged or put in a message;
+# `status` says only whether one is stored.
+
+WHICH = {False: "keystore", True: "key"}
+WRONG_CHECK = {"keystore": "wrong_store_password", "key": "wrong_key_password"}
+STDIN_HINT = "pipe it as one line: printf '%s\\n' \"$PW\" | mpagent secret set PROFILE --stdin"
 
 
 def cmd_secret(args: argparse.Namespace) -> int:
-    from mpagent import secretcmd
+    action = {"set": secret_set, "delete": secret_delete, "status": secret_status}[args.action]
+    return action(args)
 
-    return secretcmd.main(args, sys.stdout)
+
+def secret_set(args: argparse.Namespace) -> int:
+    from mpagent import passwords
+
+    which = WHICH[bool(args.key)]
+    name = _secret_profile(args)
+    profile = _configured(args, name)
+    try:
+        # Reading first finds an unusable keyring before anyone types a password for it.
+        replacing = passwords.keyring_read(name, which) is not None
+    except SecretUnavailable as exc:
+        raise passwords.without_keyring(exc, name) from exc
+    password = _password_from_stdin() if args.stdin else _password_prompted(name, which)
+    checked = _check_password(profile, which, password) if profile else ""
+    passwords.keyring_set(name, which, password)
+    done = "replaced" if replacing else "stored"
+    print(f"{done} the {which} password of profile {name} in the OS keyring{checked}")
+    return 0
+
+
+def _check_password(profile: Profile, which: str, password: str) -> str:
+    """Open the keystore with `password` as its `which` password (the other password from
+    the profile's usual sources). A wrong one raises: nothing is stored. Anything else that
+    keeps the key from loading only warns, as the password may well be right. Returns what
+    to add to the "stored" line."""
+    from mpagent.exchange import load_key
+    from mpagent.passwords import ProfilePasswords
+
+    trial = ProfilePasswords.for_profile(profile, unlocked={which: password})
+    problem: MpagentError | None = None
+    try:
+        load_key(profile, trial, strict=False)
+    except MpagentError as exc:
+        problem = exc
+    used = trial.source(which) == "unlock"  # the password was asked for, so it was tried
+    if problem is not None and used and problem.details.get("check") == WRONG_CHECK[which]:
+        raise _refusal(profile, which, problem) from None
+    if not used:
+        say(f"warning: {_unchecked(profile, which, problem)}")
+        return ""
+    if problem is not None:
+        say(f"warning: {_but(profile, problem)}")
+    return f" (checked: it opens {profile.keystore})"
+
+
+def _unchecked(profile: Profile, which: str, problem: MpagentError | None) -> str:
+    if problem is not None:
+        return f"could not check the password: {problem.message}; storing it anyway"
+    what = "the keystore password opens its key" if which == "key" else "it is not encrypted"
+    return f"{profile.keystore} needs no {which} password ({what}); storing it anyway"
+
+
+def _but(profile: Profile, problem: MpagentError) -> str:
+    """The password is right; what still keeps the key from being used."""
+    if problem.details.get("check") == WRONG_CHECK["key"]:  # found checking the keystore's
+        return (
+            f"the key of entry {problem.details.get('alias')!r} has a password of its own; "
+            f"store it too: mpagent secret set {profile.name} --key"
+        )
+    return f"the password is right, but the key cannot be used yet: {problem.message}"
+
+
+def _refusal(profile: Profile, which: str, exc: MpagentError) -> KeystoreError:
+    flag = " --key" if which == "key" else ""
+    what = (
+        f"the key of entry {exc.details.get('alias')!r} in {profile.keystore}"
+        if which == "key"
+        else f"the keystore {profile.keystore}"
+    )
+    return KeystoreError(
+        f"that {which} password does not open {what} (profile {profile.name}); nothing "
+        f"stored. Run `mpagent secret set {profile.name}{flag}` again with the right one",
+        check=WRONG_CHECK[which],
+        source=str(profile.keystore),
+    )
+
+
+def secret_delete(args: argparse.Namespace) -> int:
+    from mpagent import passwords
+
+    which = WHICH[bool(args.key)]
+    profile = _secret_profile(args)
+    try:
+        deleted = passwords.keyring_delete(profile, which)
+    except SecretUnavailable as exc:
+        raise passwords.without_keyring(exc, profile) from exc
+    if not deleted:
+        say(
+            f"the OS keyring holds no {which} password for profile {profile}; nothing "
+            "deleted (see `mpagent secret status`)"
+        )
+        return 1
+    print(f"deleted the {which} password of profile {profile} from the OS keyring")
+    return 0
+
+
+def secret_status(args: argparse.Namespace) -> int:
+    from mpagent import passwords
+
+    def stored(profile: str, which: str) -> str:
+        return "stored" if passwords.keyring_read(profile, which) is not None else "not stored"
+
+    names = [args.profile] if args.profile else load_config(args).names
+    backend = passwords.keyring_backend_name()
+    rows = [(name, stored(name, "keystore"), stored(name, "key")) for name in names]
+    width = max(len("profile"), *(len(name) for name in names))
+    print(f"OS keyring: {backend} (service {passwords.SERVICE!r})")
+    print(f"{'profile':<{width}}  {'keystore password':<17}  key password")
+    for name, store, key in rows:
+        print(f"{name:<{width}}  {store:<17}  {key}")
+    print(
+        f"`mpagent unlock`, {passwords.KEYSTORE_ENV}_<PROFILE> / {passwords.KEYSTORE_ENV} "
+        f"(and {passwords.KEY_ENV}...), password_command and a systemd credential come before "
+        "the keyring, a prompt after it; the key password defaults to the keystore password."
+    )
+    return 0
+
+
+def _secret_profile(args: argparse.Namespace) -> str:
+    """PROFILE as given (the config may not exist yet), else the config's chosen profile."""
+    from mpagent.config import choose_profile
+
+    requested = profile_name(args)
+    if requested:
+        return requested
+    cfg = load_config(args)
+    return choose_profile(None, cfg.default_profile, cfg.names, cfg.path)
+
+
+def _configured(args: argparse.Namespace, name: str) -> Profile | None:
+    """The profile to check the password against. Storing a password before writing the
+    profile is fine, so a profile that is missing or wrong only warns."""
+    try:
+        cfg = load_config(args)
+    except ConfigError as exc:
+        say(f"warning: cannot check profile {name} against the configuration: {exc}")
+        return None
+    if name not in cfg.names:
+        known = ", ".join(cfg.names) or "none"
+        say(
+            f"warning: {cfg.path} has no profile {name} (profiles: {known}); storing the "
+            f"password anyway, unchecked: add a [profiles.{name}] table to use it"
+        )
+        return None
+    if name in cfg.broken:
+        say(f"warning: cannot check the password, the profile is wrong: {cfg.broken[name]}")
+        return None
+    profile: Profile = cfg.profiles[name]
+    return profile
+
+
+def _password_from_stdin() -> str:
+    """Exactly one line; its line ending is not part of the password."""
+    raw = sys.stdin.buffer.readline()
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SecretUnavailable("the password on stdin is not UTF-8; nothing stored") from None
+    password = line.removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise SecretUnavailable(f"stdin held no password (an empty line); {STDIN_HINT}")
+    return password
+
+
+def _password_prompted(profile: str, which: str) -> str:
+    """Hidden, twice: a typo stored here would only show up later as a wrong password."""
+    if not sys.stdin.isatty():
+        raise SecretUnavailable(
+            f"stdin is not a terminal, so there is no hidden prompt; {STDIN_HINT}"
+        )
+    import getpass
+
+    try:
+        first = getpass.getpass(f"mpagent: {which} password for profile {profile}: ")
+        again = getpass.getpass(f"mpagent: the same {which} password again: ")
+    except EOFError:
+        raise SecretUnavailable("no password entered; nothing stored") from None
+    if not first:
+        raise SecretUnavailable("the password is empty; nothing stored")
+    if first != again:
+        raise SecretUnavailable("the two passwords differ; nothing stored, try again")
+    return first
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
