@@ -58,6 +58,12 @@ class Pki:
         return make_leaf(ca or self.ca, key=self.key, **kwargs)
 
 
+def interruptible() -> None:
+    """In the child: SIGINT back to its default, so Ctrl-C works even when pytest itself was
+    started with SIGINT ignored (a shell's background job, `pytest &`)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def pki() -> Pki:
     ca, other_ca, key = make_ca(), make_ca("another CA"), new_rsa_key()
@@ -596,13 +602,20 @@ def test_serve_forever_stops_quietly_on_ctrl_c() -> None:
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     with subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=interruptible,
     ) as proc:
-        assert proc.stdout is not None
-        issuer = proc.stdout.readline().decode().strip()
-        assert requests.get(issuer + "jwk", timeout=5).status_code == 200
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=5)
+        try:
+            assert proc.stdout is not None
+            issuer = proc.stdout.readline().decode().strip()
+            assert requests.get(issuer + "jwk", timeout=5).status_code == 200
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=5)
+        finally:
+            proc.kill()  # a no-op once it has exited; never a hung test
     assert proc.returncode == 0, stderr.decode()
     assert stderr == b""
 
@@ -891,7 +904,11 @@ def emulator_process(tmp_path: Path, *args: str) -> Iterator[tuple[Any, Path]]:
     with (
         log.open("wb") as stderr,
         subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            preexec_fn=interruptible,
         ) as proc,
     ):
         assert proc.stdout is not None
@@ -901,7 +918,10 @@ def emulator_process(tmp_path: Path, *args: str) -> Iterator[tuple[Any, Path]]:
             yield SimpleNamespace(issuer=issuer, token_endpoint=issuer + "token"), log
         finally:
             proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=10)
+            try:
+                proc.wait(timeout=10)
+            finally:
+                proc.kill()  # a no-op once it has exited; never a hung test
 
 
 def test_cli_client_lifetime_reaches_get_json_and_a_long_grant_is_logged(
