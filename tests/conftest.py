@@ -21,6 +21,8 @@ import pytest
 
 from mpagent.emulator import Emulator, pki
 
+from .agentproc import AgentProcess
+
 CLIENT_ID = "6f2c1e8a-2a3b-4c5d-9e8f-0a1b2c3d4e5f"
 SCOPES = ("idporten:dcr.read", "idporten:dcr.write", "altinn:serviceowner")
 PASSWORD = "store-pw-Ægir-1"  # non-ASCII on purpose
@@ -121,6 +123,17 @@ def home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
             monkeypatch.delenv(name)
     yield root
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def agent(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[AgentProcess]:
+    """A running agent for the module's own `config` fixture, with the keystore password in
+    the environment and autostart off (so a test never starts a second one by accident)."""
+    monkeypatch.setenv("MPAGENT_KEYSTORE_PASSWORD", PASSWORD)
+    monkeypatch.setenv("MPAGENT_NO_AUTOSTART", "1")
+    proc = AgentProcess(config, tmp_path / "agent.log").wait_ready()
+    yield proc
+    proc.stop()
 
 
 @pytest.fixture(scope="session")

@@ -48,15 +48,6 @@ def config(tmp_path: Path, home: Path, short_emulator: Emulator, p12: Path) -> P
     return write_config(tmp_path / "config.toml", {"dev": profile}, agent={"log_level": "debug"})
 
 
-@pytest.fixture
-def agent(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[AgentProcess]:
-    monkeypatch.setenv("MPAGENT_KEYSTORE_PASSWORD", PASSWORD)
-    monkeypatch.setenv("MPAGENT_NO_AUTOSTART", "1")
-    proc = AgentProcess(config, tmp_path / "agent.log").wait_ready()
-    yield proc
-    proc.stop()
-
-
 def token_count(emulator: Emulator) -> int:
     return emulator.token_requests
 

@@ -67,15 +67,6 @@ def config(tmp_path: Path, home: Path, emulator: Emulator, p12: Path) -> Path:
 
 
 @pytest.fixture
-def agent(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[AgentProcess]:
-    monkeypatch.setenv("MPAGENT_KEYSTORE_PASSWORD", PASSWORD)
-    monkeypatch.setenv("MPAGENT_NO_AUTOSTART", "1")
-    proc = AgentProcess(config, tmp_path / "agent.log").wait_ready()
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture
 def autostarted(home: Path) -> Iterator[None]:
     """Stops whatever agent a test's `get` started."""
     yield

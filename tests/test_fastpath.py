@@ -19,7 +19,7 @@ from mpagent import fastcli, paths, protocol
 from mpagent.emulator import Emulator
 
 from .agentproc import AgentProcess
-from .conftest import PASSWORD, SCOPES, profile_for, run_cli, write_config
+from .conftest import SCOPES, profile_for, run_cli, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 HOT_HALF = {
@@ -55,15 +55,6 @@ EXPORTED = [
 def config(tmp_path: Path, home: Path, emulator: Emulator, p12: Path) -> Path:
     profile = profile_for(emulator, p12, scopes=list(SCOPES[:2]))
     return write_config(tmp_path / "config.toml", {"dev": profile})
-
-
-@pytest.fixture
-def agent(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[AgentProcess]:
-    monkeypatch.setenv("MPAGENT_KEYSTORE_PASSWORD", PASSWORD)
-    monkeypatch.setenv("MPAGENT_NO_AUTOSTART", "1")
-    proc = AgentProcess(config, tmp_path / "agent.log").wait_ready()
-    yield proc
-    proc.stop()
 
 
 def importtime(entry: str, *argv: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
