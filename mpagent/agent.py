@@ -237,7 +237,7 @@ class Agent:
             return server.ok_reply([("pid", str(os.getpid()))])
         raise ProtocolError(
             f"unknown request {' '.join(words)!r}; "
-            "this agent knows get, env, status, reload, refresh, stop"
+            "this agent knows get, env, status, reload, refresh, unlock, lock, stop"
         )
 
     def _get(self, fields: protocol.Fields) -> bytes | Any:
@@ -320,10 +320,17 @@ class Agent:
         given = {w: v for w in ("keystore", "key") if (v := protocol.first(fields, w))}
         if not given:
             raise ProtocolError("unlock needs a keystore or key password")
-        self.unlocked[name] = {**self.unlocked.get(name, {}), **given}
-        await self.reload(f"profile {name} unlocked")
+        before = self.unlocked.get(name)
+        self.unlocked[name] = {**(before or {}), **given}
+        try:
+            await self.reload(f"profile {name} unlocked")
+        finally:
+            if name in self.problems or self.reload_error:  # keep what worked before, if any
+                if before is None:
+                    self.unlocked.pop(name, None)
+                else:
+                    self.unlocked[name] = before
         if name in self.problems:
-            self.unlocked.pop(name, None)
             raise ConfigError(f"profile {name} is still unusable: {self.problems[name]}")
         return server.ok_reply()
 
@@ -392,17 +399,19 @@ class Agent:
         log.info("reloading (%s)", reason)
         try:
             cfg = await loop.run_in_executor(self.io, config.load, self.config_path)
+            self.reload_error = None
         except MpagentError as exc:
             self.reload_error = exc
             log.error("reload refused, the previous configuration keeps running: %s", exc)
-            raise
+            if not forget:
+                raise
+            cfg = self.cfg  # a lock holds even now: its profiles go, from the running config
         # `forget`: profiles just locked, whose previous (unlocked) version must not live on.
         previous = {n: s for n, s in self.refresher.sources.items() if n not in (forget or ())}
         unlocked = dict(self.unlocked)
         loaded = await loop.run_in_executor(
             self.io, lambda: load_sources(cfg, previous=previous, unlocked=unlocked)
         )
-        self.reload_error = None
         self._adopt(cfg, loaded)
         self._watch()
         if self.bridge is not None:

@@ -547,7 +547,13 @@ class SecretStore:
                 f"{exc.message}; `chmod 600 {self.path}` if it is, else "
                 "`mpagent bridge secret --rotate`"
             ) from None
-        return data.decode("utf-8").strip() or None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"{self.path} is not UTF-8 text; `mpagent bridge secret --rotate` replaces it"
+            ) from None
+        return text.strip() or None
 
     def obtain(self, *, rotate: bool, to_file: bool) -> tuple[str, str, str]:
         """`mpagent bridge secret`: (secret, where it is kept, what happened: "found", "moved",

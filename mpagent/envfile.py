@@ -50,7 +50,8 @@ def unexpired(content: str, now: float) -> str:
     expired = {
         name.removesuffix("_EXPIRES_AT")
         for name, value in values.items()
-        if name.endswith("_EXPIRES_AT") and (not value.isdigit() or int(value) <= now)
+        if name.endswith("_EXPIRES_AT")
+        and (not (value.isascii() and value.isdigit()) or int(value) <= now)
     }
     kept = [
         line for line in lines if line.split("=", 1)[0].removesuffix("_EXPIRES_AT") not in expired

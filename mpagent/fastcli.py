@@ -168,7 +168,8 @@ def offer_unlock(args: "Any", exc: SecretUnavailable) -> bool:
     name = str(exc.details.get("profile") or "")
     sys.stderr.write(f"mpagent: profile {printable(name)} is locked. Unlock it now? [Y/n] ")
     sys.stderr.flush()
-    if sys.stdin.readline().strip().lower() not in ("", "y", "yes"):
+    answer = sys.stdin.readline()  # "" is end of input (Ctrl-D): no; "\n" is the default
+    if not answer or answer.strip().lower() not in ("", "y", "yes"):
         return False
     from mpagent import unlock
 

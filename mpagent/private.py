@@ -92,12 +92,16 @@ def write_new(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
+            fd = -1
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
+        if fd != -1:
+            os.close(fd)
         path.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
 def remove_leftovers(path: Path) -> None:

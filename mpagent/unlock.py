@@ -126,7 +126,10 @@ def _read(args: argparse.Namespace, prompt: str) -> str:
             raise SecretUnavailable(
                 f"unlock --stdin: no line for the {prompt.rstrip(': ')}; give one password per line"
             )
-        return line.rstrip("\r\n")
+        password = line.rstrip("\r\n")
+        if not password:
+            raise ConfigError("unlock --stdin: an empty password; nothing sent to the agent")
+        return password
     if not sys.stdin.isatty():
         raise SecretUnavailable(
             "unlock: no terminal to ask on; pass the passwords with --stdin, one per line"

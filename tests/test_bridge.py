@@ -690,3 +690,28 @@ def test_concurrent_requests_share_one_token(running: Running) -> None:
         t.join()
     assert all(r.status_code == 200 for r in results)
     assert len({r.json()["access_token"] for r in results}) == 1
+
+
+def test_secret_file_not_utf8_is_refused_and_rotate_replaces_it(
+    bridge_env: None, tmp_path: Path, emulator: Emulator, p12: Path
+) -> None:
+    """A secret file that is not UTF-8 does not stop the agent: every request is refused
+    (401, the log says why); `bridge secret` exits 78 naming it and --rotate."""
+    port = free_port()
+    cfg = bridge_config(tmp_path / "config.toml", emulator, p12, port)
+    make_secret(cfg)
+    secret_file().write_bytes(b"\xff\xfe")
+    message = f"{secret_file()} is not UTF-8 text; `mpagent bridge secret --rotate` replaces it"
+    run = start_agent(cfg, tmp_path / "agent.log", port, "whatever")
+    try:
+        assert run.post(run.form()).status_code == 401
+        assert message in run.agent.log()
+        shown = run_cli("--config", str(cfg), "bridge", "secret")
+        assert shown.returncode == 78 and shown.stdout == ""
+        assert message in shown.stderr
+        rotated = run_cli("--config", str(cfg), "bridge", "secret", "--rotate")
+        assert rotated.returncode == 0, rotated.stderr
+        run.secret = rotated.stdout.strip()
+        assert run.post(run.form()).status_code == 200
+    finally:
+        run.agent.stop()

@@ -227,3 +227,9 @@ def test_lock_waits_for_its_holder_and_gives_up_at_the_deadline(tmp_path: Path) 
         fd = private.lock(path, time.monotonic() + 10)
         assert fd is not None
         os.close(fd)
+
+
+def test_unexpired_drops_a_token_whose_expiry_is_not_ascii_digits() -> None:
+    """'²' passes str.isdigit() but not int(): the token is treated as expired, no ValueError."""
+    content = "A=tok\nA_EXPIRES_AT=²\nB=kept\nB_EXPIRES_AT=2000\n# note\n"
+    assert envfile.unexpired(content, now=1000) == "B=kept\nB_EXPIRES_AT=2000\n# note\n"

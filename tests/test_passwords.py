@@ -5,10 +5,13 @@ pseudo-terminal. No OS keyring: keyring's null backend (tests/test_keyring.py ha
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
+import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -471,3 +474,27 @@ def test_agent_without_a_password_says_run_unlock(cfg: Path, home: Path) -> None
         agent.stop()
     assert_refused(result, "profile dev is locked", "MPAGENT_KEYSTORE_PASSWORD_DEV")
     assert result.stderr.rstrip("\n").endswith(UNLOCK_HINT)
+
+
+@pytest.fixture(name="config")
+def unlock_config(cfg: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """For conftest's `agent` fixture: the `dev` profile, chosen by MPAGENT_CONFIG."""
+    monkeypatch.setenv("MPAGENT_CONFIG", str(cfg))
+    yield cfg
+
+
+def test_unlock_stdin_refuses_an_empty_line(agent: AgentProcess) -> None:
+    """An empty line on stdin is refused like an empty password at the terminal: exit 78,
+    nothing sent to the agent (which keeps running)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mpagent", "unlock", "--stdin", "dev"],
+        input="\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=dict(os.environ),
+    )
+    assert result.returncode == 78, result.stderr
+    assert "an empty password; nothing sent to the agent" in result.stderr
+    assert agent.proc.poll() is None

@@ -3,6 +3,7 @@ through the real error_reply and client decoding."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -118,7 +119,7 @@ def test_read_line_over_the_limit() -> None:
 
 def test_protocol_imports_nothing_heavy() -> None:
     """protocol is on the hot path: importing it brings in no json, re, typing or asyncio
-    (site may have imported re already, so count only what the import adds)."""
+    (under -S, so that site has imported none of them before)."""
     code = (
         "import sys\n"
         "before = set(sys.modules)\n"
@@ -126,7 +127,10 @@ def test_protocol_imports_nothing_heavy() -> None:
         "added = set(sys.modules) - before\n"
         "print(sorted({'json', 're', 'typing', 'asyncio', 'socket'} & added))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env
+    )
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
 
 

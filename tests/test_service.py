@@ -65,7 +65,7 @@ def install(config: Path, shim: dict[str, str]) -> subprocess.CompletedProcess[s
 def require(tool: str, package: str) -> str:
     found = shutil.which(tool)
     if found is None:
-        if os.environ.get("MPAGENT_REQUIRE_ALL"):
+        if os.environ.get("MPAGENT_REQUIRE_ALL") == "1":
             pytest.fail(f"{tool} is missing; install the {package} package")
         pytest.skip(f"{tool} is missing; `apt-get install {package}` to run this test")
     return found

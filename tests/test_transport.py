@@ -5,6 +5,7 @@ every transport this platform has (the Unix socket here; the pipe on Windows).""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -260,8 +261,15 @@ print(" ".join(sorted(set(sys.modules) - before)))
 
 
 def as_windows(*argv: str) -> list[str]:
+    # -S: without site, nothing heavy is loaded before the script looks (site imports re,
+    # typing and more on some interpreters), so every module in the list is the client's.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run(
-        [sys.executable, "-c", AS_WINDOWS, *argv], capture_output=True, text=True, timeout=60
+        [sys.executable, "-S", "-c", AS_WINDOWS, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()

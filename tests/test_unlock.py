@@ -52,6 +52,35 @@ def config(
     run_cli("stop")
 
 
+class Terminal:
+    """The real CLI on a pseudo-terminal, and what it has shown so far."""
+
+    def __init__(self, *args: str) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child
+            os.execv(sys.executable, [sys.executable, "-m", "mpagent", *args])
+        self.seen = b""
+
+    def until(self, text: bytes, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.seen:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} in {self.seen!r}")
+            if select.select([self.fd], [], [], 0.2)[0]:
+                try:
+                    self.seen += os.read(self.fd, 4096)
+                except OSError:
+                    break
+
+    def write(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    def exit_code(self) -> int:
+        _, code = os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        return os.waitstatus_to_exitcode(code)
+
+
 def files_containing(root: Path, secret: str) -> list[Path]:
     needles = (secret.encode(), secret.encode("utf-16-le"))
     found = []
@@ -159,30 +188,42 @@ def test_get_at_a_terminal_offers_to_unlock(config: Path) -> None:
     """At a terminal, `get` for a locked profile asks whether to unlock it, prompts for the
     password hidden, and then prints the token."""
     run_cli("get", SCOPE)  # start the agent, locked
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the real CLI on a terminal
-        os.execv(sys.executable, [sys.executable, "-m", "mpagent", "get", SCOPE])
-    seen = b""
-
-    def until(text: bytes, timeout: float = 20) -> None:
-        nonlocal seen
-        deadline = time.monotonic() + timeout
-        while text not in seen:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {text!r} in {seen!r}")
-            if select.select([fd], [], [], 0.2)[0]:
-                try:
-                    seen += os.read(fd, 4096)
-                except OSError:
-                    break
-
-    until(b"Unlock it now? [Y/n]")
-    os.write(fd, b"\n")
-    until(b"keystore password for profile test:")
-    os.write(fd, PASSWORD.encode() + b"\n")
-    until(b"eyJ")
-    _, code = os.waitpid(pid, 0)
-    os.close(fd)
-    assert os.waitstatus_to_exitcode(code) == 0
-    assert PASSWORD.encode() not in seen  # the prompt did not echo it
+    term = Terminal("get", SCOPE)
+    term.until(b"Unlock it now? [Y/n]")
+    term.write(b"\n")
+    term.until(b"keystore password for profile test:")
+    term.write(PASSWORD.encode() + b"\n")
+    term.until(b"eyJ")
+    assert term.exit_code() == 0
+    assert PASSWORD.encode() not in term.seen  # the prompt did not echo it
     wait_for(lambda: status()["passwords"]["test"] == "unlocked (from: unlock)")
+
+
+def test_end_of_input_at_the_unlock_offer_means_no(config: Path) -> None:
+    """Ctrl-D at "Unlock it now? [Y/n]" declines: no password prompt, the locked error."""
+    run_cli("get", SCOPE)  # start the agent, locked
+    term = Terminal("get", SCOPE)
+    term.until(b"Unlock it now? [Y/n]")
+    term.write(b"\x04")  # the terminal's end of input
+    term.until(b"run: mpagent unlock test")
+    assert term.exit_code() == 78
+    assert b"password for profile" not in term.seen
+
+
+def test_lock_holds_while_the_config_cannot_be_read(config: Path) -> None:
+    """`lock` forgets the key even when the config file has just become unreadable TOML: the
+    profile is locked again from the running configuration, and status names the file error."""
+    run_cli("get", SCOPE)
+    assert cli("unlock", "--stdin", "test", stdin=PASSWORD + "\n").returncode == 0
+    assert run_cli("get", SCOPE).returncode == 0
+    good = config.read_text()
+    config.write_text("[profiles.test\n")  # a half-saved edit
+    try:
+        locked = run_cli("lock")
+        assert locked.returncode == 0 and "profile test locked" in locked.stderr, locked.stderr
+        again = run_cli("get", SCOPE)
+        assert again.returncode == 78 and "run: mpagent unlock test" in again.stderr
+        assert status()["passwords"]["test"] == "locked"
+        assert str(config) in str(status()["reload_error"])
+    finally:
+        config.write_text(good)
