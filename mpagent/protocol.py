@@ -104,7 +104,8 @@ def unquote(value: str) -> str:
             try:
                 out.append(int(value[i + 1 : i + 3], 16))
             except ValueError:
-                raise MessageError(f"bad percent-escape in {value[i : i + 3]!r}") from None
+                # not the characters themselves: the value may be a password (unlock)
+                raise MessageError("a % not followed by two hex digits") from None
             i += 3
         else:
             out += value[i].encode()

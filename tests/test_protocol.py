@@ -245,3 +245,12 @@ def test_details_cannot_overwrite_kind_or_message() -> None:
     exc = errors.IssuerRejected("real", kind="config")
     assert errors.MpagentError.from_wire(exc.to_wire()).message == "real"
     assert type(errors.MpagentError.from_wire(exc.to_wire())) is errors.IssuerRejected
+
+
+def test_a_bad_escape_is_refused_without_echoing_the_value() -> None:
+    """A malformed value may be a password (unlock): the error names the mistake, not the
+    characters around it."""
+    with pytest.raises(protocol.MessageError) as caught:
+        protocol.decode(b"mpagent/1 unlock profile=test keystore=s3%zZcret\n")
+    assert "two hex digits" in str(caught.value)
+    assert "zZ" not in str(caught.value) and "s3" not in str(caught.value)
