@@ -7,17 +7,20 @@ a Secret Service is started per worker (tests/secret_service.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import shutil
 import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mpagent.emulator import Emulator, pki
 
@@ -95,9 +98,22 @@ def _cache_bytecode() -> None:
     sys.pycache_prefix, sys.dont_write_bytecode = str(cache), False
 
 
+@functools.cache
+def issuer_key() -> rsa.RSAPrivateKey:
+    """The emulators' token-signing key, one per test process (`Emulator(signing_key=...)`):
+    an RSA-2048 key made for each emulator cost ~80 ms of CPU each."""
+    return pki.new_rsa_key()
+
+
 @pytest.fixture(scope="session")
 def ca() -> pki.Issued:
     return pki.make_ca()
+
+
+@pytest.fixture(scope="session")
+def other_ca() -> pki.Issued:
+    """A CA that the emulators do not trust (unless a test says so)."""
+    return pki.make_ca("mpagent throwaway other CA")
 
 
 @pytest.fixture(scope="session")
@@ -107,13 +123,23 @@ def leaf(ca: pki.Issued) -> pki.Issued:
 
 @pytest.fixture
 def emulator(ca: pki.Issued) -> Iterator[Emulator]:
-    with Emulator(clients={CLIENT_ID: SCOPES}, trust=[ca.cert], hang_seconds=3) as emu:
+    with Emulator(
+        clients={CLIENT_ID: SCOPES}, trust=[ca.cert], hang_seconds=3, signing_key=issuer_key()
+    ) as emu:
         yield emu
 
 
 @pytest.fixture
 def home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A private HOME with XDG dirs (so this test's own agent socket, lock and env file)."""
+    root = private_home(monkeypatch)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def private_home(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A new private HOME with XDG dirs in the environment, and no MPAGENT_ variables; the
+    caller removes it. For fixtures of a wider scope than `home` (with MonkeyPatch.context)."""
     root = _private_dir("mpa-")
     for name, value in {"HOME": root, **_user_dirs(root)}.items():
         value.mkdir(mode=0o700, exist_ok=True)
@@ -121,8 +147,7 @@ def home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     for name in list(os.environ):
         if name.startswith("MPAGENT_") and name != "MPAGENT_REQUIRE_ALL":
             monkeypatch.delenv(name)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    return root
 
 
 @pytest.fixture
@@ -134,6 +159,46 @@ def agent(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
     proc = AgentProcess(config, tmp_path / "agent.log").wait_ready()
     yield proc
     proc.stop()
+
+
+@contextlib.contextmanager
+def shared_agent(
+    ca: pki.Issued,
+    p12_bytes: bytes,
+    make_config: Callable[[Path, Emulator, Path], Path],
+    clients: Mapping[str, Iterable[str]] | None = None,
+    **env: str,
+) -> Iterator[AgentProcess]:
+    """A running agent for a module's tests that only ask it (an agent start is ~0.6 s of
+    CPU), with a HOME, emulator (knowing `clients`, else CLIENT_ID) and keystore of its own;
+    `make_config(dir, emulator, p12)` writes its config. Its tokens live an hour, so no
+    refresh lands inside a test; a test that changes the agent's state, or needs a token
+    just issued, starts its own."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        root = private_home(monkeypatch)
+        for name, value in {
+            "MPAGENT_KEYSTORE_PASSWORD": PASSWORD,
+            "MPAGENT_NO_AUTOSTART": "1",
+            **env,
+        }.items():
+            monkeypatch.setenv(name, value)
+        try:
+            with Emulator(
+                clients=clients or {CLIENT_ID: SCOPES},
+                trust=[ca.cert],
+                token_lifetime=3600,
+                signing_key=issuer_key(),
+            ) as emulator:
+                p12 = root / "virksomhet.p12"
+                p12.write_bytes(p12_bytes)
+                config = make_config(root, emulator, p12)
+                proc = AgentProcess(config, root / "agent.log").wait_ready()
+                try:
+                    yield proc
+                finally:
+                    proc.stop()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

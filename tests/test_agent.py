@@ -30,7 +30,7 @@ from mpagent.errors import (
 )
 
 from .agentproc import AgentProcess, status, wait_for
-from .conftest import CLIENT_ID, PASSWORD, SCOPES, profile_for, run_cli, write_config
+from .conftest import CLIENT_ID, PASSWORD, SCOPES, issuer_key, profile_for, run_cli, write_config
 
 LIFETIME = 4
 ENV = {"MPAGENT_KEYSTORE_PASSWORD": PASSWORD}
@@ -38,7 +38,12 @@ ENV = {"MPAGENT_KEYSTORE_PASSWORD": PASSWORD}
 
 @pytest.fixture
 def short_emulator(ca: pki.Issued) -> Iterator[Emulator]:
-    with Emulator(clients={CLIENT_ID: SCOPES}, trust=[ca.cert], token_lifetime=LIFETIME) as emu:
+    with Emulator(
+        signing_key=issuer_key(),
+        clients={CLIENT_ID: SCOPES},
+        trust=[ca.cert],
+        token_lifetime=LIFETIME,
+    ) as emu:
         yield emu
 
 

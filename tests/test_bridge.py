@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import re
+import secrets
 import socket
 import stat
 import subprocess
@@ -27,12 +28,13 @@ import requests
 from mpagent import bridge, config
 from mpagent.agent import load_sources
 from mpagent.config import BridgeSettings
-from mpagent.emulator import Emulator
+from mpagent.emulator import Emulator, pki
 from mpagent.errors import ConfigError
+from mpagent.private import ensure_private_dir, write_atomic
 from mpagent.refresher import Refresher
 
 from .agentproc import AgentProcess, wait_for
-from .conftest import PASSWORD, SCOPES, profile_for, run_cli, write_config
+from .conftest import PASSWORD, SCOPES, profile_for, run_cli, shared_agent, write_config
 from .secret_service import SecretService, secret_service  # noqa: F401
 
 FAIL_KEYRING = "keyring.backends.fail.Keyring"
@@ -95,9 +97,13 @@ def bridge_config(path: Path, emulator: Emulator, p12: Path, port: int, **agent:
 
 
 def make_secret(cfg: Path) -> str:
-    result = run_cli("--config", str(cfg), "bridge", "secret", "--file")
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+    """A new secret in the 0600 bridge secret file, as `mpagent bridge secret --file` makes it
+    (that command has tests of its own): in-process, sparing each test a CLI start."""
+    path = bridge.SecretStore(config.load(cfg).bridge.secret_file).path
+    secret = secrets.token_urlsafe(32)
+    ensure_private_dir(path.parent)
+    write_atomic(path, secret + "\n")
+    return secret
 
 
 def start_agent(cfg: Path, log: Path, port: int, secret: str = "") -> Running:
@@ -114,6 +120,25 @@ def running(bridge_env: None, tmp_path: Path, emulator: Emulator, p12: Path) -> 
     yield run
     run.agent.stop()
     assert run.secret not in run.agent.log() and "eyJ" not in run.agent.log()
+
+
+@pytest.fixture(scope="module")
+def served(ca: pki.Issued, p12_bytes: bytes) -> Iterator[Running]:
+    """One bridge agent for the tests that only send requests and read the answers; the
+    tests that change its state, or need a token just issued, get their own (`running`)."""
+    port = free_port()
+    secret: list[str] = []
+
+    def make_config(root: Path, emulator: Emulator, p12: Path) -> Path:
+        cfg = bridge_config(root / "config.toml", emulator, p12, port)
+        secret.append(make_secret(cfg))
+        return cfg
+
+    with shared_agent(ca, p12_bytes, make_config, PYTHON_KEYRING_BACKEND=FAIL_KEYRING) as agent:
+        wait_for(lambda: "token bridge for HTTP tools on" in agent.log())
+        yield Running(agent, port, secret[0], agent.config)
+        log = agent.log()
+    assert secret[0] not in log and "eyJ" not in log
 
 
 def error_of(response: requests.Response) -> tuple[int, str, str]:
@@ -134,89 +159,87 @@ def test_basic_auth_gets_the_agents_token(running: Running) -> None:
     assert body["scope"] == SCOPES[0] and 100 <= body["expires_in"] <= 120
 
 
-def test_form_auth_gets_the_same_token(running: Running) -> None:
+def test_form_auth_gets_the_same_token(served: Running) -> None:
     """client_id and client_secret as form fields get the same token as HTTP Basic."""
-    basic = running.post({"grant_type": "client_credentials"}, auth=("dev", running.secret))
-    form = running.post(running.form())
+    basic = served.post({"grant_type": "client_credentials"}, auth=("dev", served.secret))
+    form = served.post(served.form())
     assert form.status_code == 200 and basic.status_code == 200  # no scope: the one configured
     assert form.json()["access_token"] == basic.json()["access_token"]
 
 
-def test_basic_and_form_credentials_must_agree(running: Running) -> None:
+def test_basic_and_form_credentials_must_agree(served: Running) -> None:
     """Credentials repeated in the form next to HTTP Basic work if equal, else get 400."""
-    basic = ("dev", running.secret)
-    assert running.post(running.form(), auth=basic).status_code == 200
-    other = running.post(running.form(client_id="multi"), auth=basic)
+    basic = ("dev", served.secret)
+    assert served.post(served.form(), auth=basic).status_code == 200
+    other = served.post(served.form(client_id="multi"), auth=basic)
     assert error_of(other)[:2] == (400, "invalid_request")
 
 
-def test_wrong_secret_is_invalid_client(running: Running) -> None:
+def test_wrong_secret_is_invalid_client(served: Running) -> None:
     """A wrong secret, by Basic or by form, gets 401 invalid_client with a Basic challenge."""
     for response in (
-        running.post(running.form(client_secret=running.secret[:-1] + "x")),
-        running.post({"grant_type": "client_credentials"}, auth=("dev", "nope")),
+        served.post(served.form(client_secret=served.secret[:-1] + "x")),
+        served.post({"grant_type": "client_credentials"}, auth=("dev", "nope")),
     ):
         assert error_of(response)[:2] == (401, "invalid_client")
         assert response.headers["WWW-Authenticate"].startswith("Basic")
         assert "access_token" not in response.text
 
 
-def test_missing_authentication_is_invalid_client(running: Running) -> None:
+def test_missing_authentication_is_invalid_client(served: Running) -> None:
     """No credentials, or a Bearer header instead of Basic, get 401 invalid_client."""
-    assert error_of(running.post({"grant_type": "client_credentials"}))[:2] == (
+    assert error_of(served.post({"grant_type": "client_credentials"}))[:2] == (
         401,
         "invalid_client",
     )
-    bearer = running.post(
+    bearer = served.post(
         {"grant_type": "client_credentials"}, headers={"Authorization": "Bearer x"}
     )
     assert error_of(bearer)[:2] == (401, "invalid_client")
 
 
-def test_unknown_profile_is_invalid_client(running: Running) -> None:
+def test_unknown_profile_is_invalid_client(served: Running) -> None:
     """A client_id that names no profile gets 401 invalid_client naming the profiles."""
-    status, error, description = error_of(running.post(running.form(client_id="nope")))
+    status, error, description = error_of(served.post(served.form(client_id="nope")))
     assert (status, error) == (401, "invalid_client") and "dev" in description
 
 
-def test_host_that_is_not_loopback_is_refused(running: Running) -> None:
+def test_host_that_is_not_loopback_is_refused(served: Running) -> None:
     """DNS rebinding: a Host that is not localhost, 127.x or [::1] (any port) gets 421."""
-    for host in ("evil.example", f"evil.example:{running.port}", "127.0.0.1.nip.io", "0.0.0.0"):  # noqa: S104
-        response = running.post(running.form(), headers={"Host": host})
+    for host in ("evil.example", f"evil.example:{served.port}", "127.0.0.1.nip.io", "0.0.0.0"):  # noqa: S104
+        response = served.post(served.form(), headers={"Host": host})
         assert response.status_code == 421 and "access_token" not in response.text, host
-    for host in (f"localhost:{running.port}", "127.0.0.1", f"127.0.0.2:{running.port}"):
-        assert running.post(running.form(), headers={"Host": host}).status_code == 200, host
+    for host in (f"localhost:{served.port}", "127.0.0.1", f"127.0.0.2:{served.port}"):
+        assert served.post(served.form(), headers={"Host": host}).status_code == 200, host
 
 
-def test_browser_requests_are_refused(running: Running) -> None:
+def test_browser_requests_are_refused(served: Running) -> None:
     """Any Origin or Sec-Fetch-* header means a browser: 403, even with the right secret."""
     for headers in ({"Origin": "http://127.0.0.1"}, {"Origin": "null"}, {"Sec-Fetch-Mode": "cors"}):
-        response = running.post(running.form(), headers=headers)
+        response = served.post(served.form(), headers=headers)
         assert response.status_code == 403 and "access_token" not in response.text
         assert "Access-Control-Allow-Origin" not in response.headers
 
 
-def test_unsupported_grant_type(running: Running) -> None:
+def test_unsupported_grant_type(served: Running) -> None:
     """Another grant_type is unsupported_grant_type; no grant_type is invalid_request."""
-    jwt_bearer = running.post(
-        running.form(grant_type="urn:ietf:params:oauth:grant-type:jwt-bearer")
-    )
+    jwt_bearer = served.post(served.form(grant_type="urn:ietf:params:oauth:grant-type:jwt-bearer"))
     assert error_of(jwt_bearer)[:2] == (400, "unsupported_grant_type")
-    form = running.form()
+    form = served.form()
     del form["grant_type"]
-    assert error_of(running.post(form))[:2] == (400, "invalid_request")
+    assert error_of(served.post(form))[:2] == (400, "invalid_request")
 
 
-def test_unknown_scope_carries_maskinporten_description(running: Running) -> None:
+def test_unknown_scope_carries_maskinporten_description(served: Running) -> None:
     """A scope Maskinporten refuses is 400 invalid_scope with its description and code."""
-    status, error, description = error_of(running.post(running.form(scope="not:registered")))
+    status, error, description = error_of(served.post(served.form(scope="not:registered")))
     assert (status, error) == (400, "invalid_scope")
     assert "MP-200" in description and "not:registered" in description
 
 
-def test_no_scope_with_several_configured_is_invalid_scope(running: Running) -> None:
+def test_no_scope_with_several_configured_is_invalid_scope(served: Running) -> None:
     """No scope, and the profile configures several: 400 invalid_scope listing them."""
-    status, error, description = error_of(running.post(running.form(client_id="multi", scope="")))
+    status, error, description = error_of(served.post(served.form(client_id="multi", scope="")))
     assert (status, error) == (400, "invalid_scope") and SCOPES[1] in description
 
 
@@ -231,31 +254,30 @@ def test_issuer_down_serves_the_cached_token(running: Running, emulator: Emulato
     assert "503" in error_of(cold)[2]
 
 
-def test_wrong_method_and_path(running: Running) -> None:
+def test_wrong_method_and_path(served: Running) -> None:
     """GET /token is 405 with Allow: POST; other paths are 404; a query string is 400."""
-    get = requests.get(running.url, timeout=10)
+    get = requests.get(served.url, timeout=10)
     assert get.status_code == 405 and get.headers["Allow"] == "POST"
     assert (
-        requests.post(running.url[:-5] + "/other", data=running.form(), timeout=10).status_code
-        == 404
+        requests.post(served.url[:-5] + "/other", data=served.form(), timeout=10).status_code == 404
     )
-    assert running.post(running.form(), params={"scope": "x"}).status_code == 400
+    assert served.post(served.form(), params={"scope": "x"}).status_code == 400
 
 
-def test_oversized_requests_are_refused(running: Running) -> None:
+def test_oversized_requests_are_refused(served: Running) -> None:
     """A body over 64 KiB is 413 and a head over 16 KiB 431; the agent keeps serving."""
-    big = running.raw(
+    big = served.raw(
         b"POST /token HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 70000\r\n"
         b"Content-Type: application/x-www-form-urlencoded\r\n\r\n"
     )
     assert big.startswith(b"HTTP/1.1 413 ")
-    huge = running.raw(b"POST /token HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 20000)
+    huge = served.raw(b"POST /token HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 20000)
     assert huge.startswith(b"HTTP/1.1 431 ")
-    assert running.post(running.form(pad="a" * 60_000)).status_code == 200  # under the cap
+    assert served.post(served.form(pad="a" * 60_000)).status_code == 200  # under the cap
     assert run_cli("get", SCOPES[0]).returncode == 0
 
 
-def test_malformed_requests_get_400s(running: Running) -> None:
+def test_malformed_requests_get_400s(served: Running) -> None:
     """Malformed, chunked or truncated requests get a 4xx, never a token; serving goes on."""
     head = b"POST /token HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     form = b"Content-Type: application/x-www-form-urlencoded\r\n"
@@ -268,10 +290,10 @@ def test_malformed_requests_get_400s(running: Running) -> None:
         head + b"Bad Header: x\r\n\r\n": b"400",
     }
     for request, status in cases.items():
-        data = running.raw(request) if b"short" not in request else _half_closed(running, request)
+        data = served.raw(request) if b"short" not in request else _half_closed(served, request)
         assert data.startswith(b"HTTP/1.1 " + status), (request, data)
         assert b"access_token" not in data
-    assert running.post(running.form()).status_code == 200
+    assert served.post(served.form()).status_code == 200
 
 
 def _half_closed(running: Running, request: bytes) -> bytes:

@@ -25,7 +25,16 @@ from mpagent.errors import AgentNotRunning
 from mpagent.fullcli import build_parser
 
 from .agentproc import AgentProcess, wait_for
-from .conftest import CLIENT_ID, PASSWORD, SCOPES, profile_for, run_cli, write_config
+from .conftest import (
+    CLIENT_ID,
+    PASSWORD,
+    SCOPES,
+    issuer_key,
+    profile_for,
+    run_cli,
+    shared_agent,
+    write_config,
+)
 from .keystores import write_cert_pem, write_pem
 from .test_fastpath import HOT_HALF
 
@@ -52,18 +61,32 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture
 def emulator(ca: pki.Issued) -> Iterator[Emulator]:
-    with Emulator(clients={CLIENT_ID: SCOPES, PROD_CLIENT: SCOPES}, trust=[ca.cert]) as emu:
+    with Emulator(
+        signing_key=issuer_key(), clients={CLIENT_ID: SCOPES, PROD_CLIENT: SCOPES}, trust=[ca.cert]
+    ) as emu:
         yield emu
 
 
 @pytest.fixture
 def config(tmp_path: Path, home: Path, emulator: Emulator, p12: Path) -> Path:
     """Two profiles on one emulator, told apart by client id; dev is the default."""
+    return two_profiles(tmp_path, emulator, p12)
+
+
+def two_profiles(directory: Path, emulator: Emulator, p12: Path) -> Path:
     profiles = {
         "dev": profile_for(emulator, p12),
         "prod": profile_for(emulator, p12, client_id=PROD_CLIENT),
     }
-    return write_config(tmp_path / "config.toml", profiles, default_profile="dev")
+    return write_config(directory / "config.toml", profiles, default_profile="dev")
+
+
+@pytest.fixture(scope="module")
+def shared(ca: pki.Issued, p12_bytes: bytes) -> Iterator[AgentProcess]:
+    """One agent with the two profiles, for the tests that only ask it (conftest.shared_agent)."""
+    clients = {CLIENT_ID: SCOPES, PROD_CLIENT: SCOPES}
+    with shared_agent(ca, p12_bytes, two_profiles, clients) as proc:
+        yield proc
 
 
 @pytest.fixture
@@ -143,12 +166,10 @@ def test_config_and_profile_anywhere_without_agent(config: Path, argv: list[str]
         ["-p", "prod", "--config", "{config}", "get", SCOPES[0], "--no-start"],
     ],
 )
-def test_config_and_profile_anywhere_fast_path(
-    agent: AgentProcess, config: Path, argv: list[str]
-) -> None:
+def test_config_and_profile_anywhere_fast_path(shared: AgentProcess, argv: list[str]) -> None:
     """The fast `get` takes --config and --profile before or after `get`, and stays fast:
     no argparse, no json, no mpagent module outside the hot half."""
-    args = [a.format(config=config) for a in argv]
+    args = [a.format(config=shared.config) for a in argv]
     result = run_cli(*args, env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert result.returncode == 0, result.stderr
     assert client_of(result.stdout) == PROD_CLIENT
@@ -170,8 +191,9 @@ def test_config_reaches_the_autostarted_agent(config: Path, autostarted: None, w
     assert status["config"] == str(config)
 
 
-def test_status_takes_config_after_the_command(agent: AgentProcess, config: Path) -> None:
+def test_status_takes_config_after_the_command(shared: AgentProcess) -> None:
     """`mpagent status --config F` is accepted (exit 0), as `mpagent --config F status` is."""
+    config = shared.config
     for argv in (["status", "--config", str(config)], ["--config", str(config), "status"]):
         result = run_cli(*argv)
         assert result.returncode == 0 and "PROFILE" in result.stdout, result.stderr
@@ -425,7 +447,9 @@ def test_silent_server_times_out(tmp_path: Path, home: Path, p12: Path) -> None:
 
 
 def _skewed_get(config: Path, ca: pki.Issued, p12: Path, offset: float, *extra: str):
-    with Emulator(clients={CLIENT_ID: SCOPES}, trust=[ca.cert], clock_offset=offset) as emu:
+    with Emulator(
+        signing_key=issuer_key(), clients={CLIENT_ID: SCOPES}, trust=[ca.cert], clock_offset=offset
+    ) as emu:
         write_config(config, {"dev": profile_for(emu, p12)})
         return run_cli("--config", str(config), *extra, env=ENV)
 

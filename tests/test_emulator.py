@@ -37,7 +37,7 @@ from mpagent.errors import ConfigError
 from mpagent.fullcli import build_parser
 
 from .agentproc import AgentProcess
-from .conftest import CLIENT_ID, PASSWORD, SCOPES, run_cli, write_config
+from .conftest import CLIENT_ID, PASSWORD, SCOPES, issuer_key, run_cli, write_config
 
 CLIENT = "5f6b1c3e-0d7a-4a43-9d3b-6a6f2f0c1a11"
 SCOPE = "test:read"
@@ -75,7 +75,7 @@ def new_emulator(pki: Pki, **kwargs: Any) -> Emulator:
         clients={CLIENT: [SCOPE, OTHER_SCOPE]},
         trust=[pki.ca.cert],
         jwks={KID: pki.key.public_key()},
-        **kwargs,
+        **{"signing_key": issuer_key(), **kwargs},
     )
 
 

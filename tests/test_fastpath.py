@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from mpagent import fastcli, paths, protocol
-from mpagent.emulator import Emulator
+from mpagent.emulator import Emulator, pki
 
 from .agentproc import AgentProcess
-from .conftest import SCOPES, profile_for, run_cli, write_config
+from .conftest import SCOPES, profile_for, run_cli, shared_agent, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 HOT_HALF = {
@@ -51,10 +51,16 @@ EXPORTED = [
 ]
 
 
-@pytest.fixture
-def config(tmp_path: Path, home: Path, emulator: Emulator, p12: Path) -> Path:
+def write_dev(directory: Path, emulator: Emulator, p12: Path) -> Path:
     profile = profile_for(emulator, p12, scopes=list(SCOPES[:2]))
-    return write_config(tmp_path / "config.toml", {"dev": profile})
+    return write_config(directory / "config.toml", {"dev": profile})
+
+
+@pytest.fixture(scope="module")
+def agent(ca: pki.Issued, p12_bytes: bytes) -> Iterator[AgentProcess]:
+    """One agent for this module: its tests only ask it (conftest.shared_agent)."""
+    with shared_agent(ca, p12_bytes, write_dev) as proc:
+        yield proc
 
 
 def importtime(entry: str, *argv: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:

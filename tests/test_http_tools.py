@@ -23,7 +23,7 @@ from mpagent import postman
 from mpagent.emulator import Emulator, pki
 
 from .agentproc import wait_for
-from .conftest import CLIENT_ID, SCOPES, run_cli
+from .conftest import CLIENT_ID, SCOPES, issuer_key, run_cli
 from .test_bridge import (  # noqa: F401 - bridge_env is a fixture
     Running,
     bridge_config,
@@ -63,7 +63,12 @@ def httpyac() -> str:
 
 @pytest.fixture
 def short_emulator(ca: pki.Issued) -> Iterator[Emulator]:
-    with Emulator(clients={CLIENT_ID: SCOPES}, trust=[ca.cert], token_lifetime=LIFETIME) as emu:
+    with Emulator(
+        signing_key=issuer_key(),
+        clients={CLIENT_ID: SCOPES},
+        trust=[ca.cert],
+        token_lifetime=LIFETIME,
+    ) as emu:
         yield emu
 
 

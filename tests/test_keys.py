@@ -42,7 +42,7 @@ from mpagent.keys import (
     load_signing_key,
 )
 from mpagent.keys.jks import unsupported as jks_unsupported
-from tests.conftest import CLIENT_ID, SCOPES, profile_for, run_cli, write_config
+from tests.conftest import CLIENT_ID, SCOPES, issuer_key, profile_for, run_cli, write_config
 from tests.keystores import (
     StaticPasswords,
     write_cert_pem,
@@ -214,16 +214,18 @@ def test_pkcs12_loads_without_pyasn1(
     assert key.chain == (m.auth.cert, m.ca.cert)
 
 
-def test_multi_key_pkcs12_without_pyasn1_yields_its_first_key(
-    multi_p12: Path, monkeypatch: pytest.MonkeyPatch
+def test_multi_key_pkcs12_needs_no_pyasn1(
+    m: Material, multi_p12: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without pyasn1 only cryptography's one key is seen; the other is not called a certificate."""
+    """Without pyasn1 both keys of a two-key PKCS#12 are still found, each under its alias."""
+    monkeypatch.setitem(sys.modules, "pyasn1", None)
     monkeypatch.setitem(sys.modules, "pyasn1_modules", None)
-    key = load_signing_key(multi_p12, passwords=StaticPasswords(ASCII_PW))
-    assert key.source == f"{multi_p12} (entry 'auth')"
-    _fails(
-        "alias_not_found", multi_p12, "'auth'", passwords=StaticPasswords(ASCII_PW), alias="sign"
+    key = load_signing_key(multi_p12, alias="auth", passwords=StaticPasswords(ASCII_PW))
+    assert key.source == f"{multi_p12} (entry 'auth')" and _verifies(key, m.auth)
+    sign = load_signing_key(
+        multi_p12, alias="sign", x5c_mode=False, passwords=StaticPasswords(ASCII_PW)
     )
+    assert sign.chain[0] == m.sign.cert and _verifies(sign, m.sign)
 
 
 def test_jks_with_separate_key_password(m: Material, tmp_path: Path) -> None:
@@ -785,10 +787,11 @@ def test_jks_without_pyjks_through_the_cli(
     assert emulator.token_requests == 0
 
 
-def test_import_and_pem_load_need_neither_pyjks_nor_pyasn1(m: Material, tmp_path: Path) -> None:
-    """`import mpagent.keys` and loading a PEM key import no pyjks, twofish or pyasn1: they
-    are imported only when a JKS or a PKCS#12 is loaded."""
+def test_pem_and_pkcs12_loads_import_neither_pyjks_nor_pyasn1(m: Material, tmp_path: Path) -> None:
+    """`import mpagent.keys` and loading a PEM key or a PKCS#12 import no pyjks, twofish or
+    pyasn1 (~0.25 s a start): pyjks is imported only when a JKS is loaded."""
     path = write_pem(tmp_path / "k.pem", m.auth, include_cert=True)
+    p12 = write_pkcs12(tmp_path / "v.p12", {"auth": m.auth}, STORE_PW, ca_chain=[m.ca.cert])
     script = (
         "import sys\n"
         "from pathlib import Path\n"
@@ -796,7 +799,11 @@ def test_import_and_pem_load_need_neither_pyjks_nor_pyasn1(m: Material, tmp_path
         "class P:\n"
         "    def keystore(self): return None\n"
         "    def key(self): return None\n"
+        "class Q:\n"
+        f"    def keystore(self): return {STORE_PW!r}\n"
+        "    def key(self): return None\n"
         f"mpagent.keys.load_signing_key(Path({str(path)!r}), passwords=P())\n"
+        f"mpagent.keys.load_signing_key(Path({str(p12)!r}), passwords=Q())\n"
         "print(' '.join(sorted(sys.modules)))\n"
     )
     result = subprocess.run(
@@ -812,19 +819,32 @@ def test_import_and_pem_load_need_neither_pyjks_nor_pyasn1(m: Material, tmp_path
 # --- the key usage warning end to end: the real CLI, the emulator, exchange --------------------
 
 
-@pytest.fixture
-def two_keys(tmp_path: Path, home: Path, ca: pki.Issued, leaf: pki.Issued) -> Path:
+@pytest.fixture(scope="module")
+def two_keys_bytes(
+    ca: pki.Issued, leaf: pki.Issued, tmp_path_factory: pytest.TempPathFactory
+) -> bytes:
     """A keytool-made PKCS#12 from the CA the emulator trusts: 'sign' (nonRepudiation only)
-    and 'auth' (digitalSignature), as Buypass delivers them."""
+    and 'auth' (digitalSignature), as Buypass delivers them; made once (keytool is a JVM)."""
     signing = pki.make_leaf(ca, usage="nonRepudiation")
+    path = tmp_path_factory.mktemp("two-keys") / "buypass.p12"
     entries = {"sign": signing, "auth": leaf}
-    return write_pkcs12(tmp_path / "buypass.p12", entries, ASCII_PW, ca_chain=[ca.cert])
+    return write_pkcs12(path, entries, ASCII_PW, ca_chain=[ca.cert]).read_bytes()
 
 
 @pytest.fixture
-def distrustful(ca: pki.Issued) -> Iterator[Emulator]:
+def two_keys(tmp_path: Path, home: Path, two_keys_bytes: bytes) -> Path:
+    """This test's own copy of the two-key PKCS#12 (store password ASCII_PW)."""
+    path = tmp_path / "buypass.p12"
+    path.write_bytes(two_keys_bytes)
+    return path
+
+
+@pytest.fixture
+def distrustful(other_ca: pki.Issued) -> Iterator[Emulator]:
     """An emulator trusting another CA only, so it refuses every x5c grant here (MP-120)."""
-    with Emulator(clients={CLIENT_ID: SCOPES}, trust=[pki.make_ca().cert]) as emu:
+    with Emulator(
+        signing_key=issuer_key(), clients={CLIENT_ID: SCOPES}, trust=[other_ca.cert]
+    ) as emu:
         yield emu
 
 

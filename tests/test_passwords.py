@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from mpagent import config
+from mpagent import passwords as passwords_module
 from mpagent.emulator import Emulator, pki
 from mpagent.errors import ConfigError, SecretUnavailable
 from mpagent.passwords import COMMAND_TIMEOUT, ProfilePasswords, env_names
@@ -307,10 +308,29 @@ def test_password_command_that_is_not_installed(
     assert_refused(result, "profile dev", "`mpagent-no-such-pass x`", "no program")
 
 
+def test_password_command_that_hangs_is_stopped_at_the_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A password_command still running at COMMAND_TIMEOUT (here 0.3 s) is stopped: a
+    SecretUnavailable saying so, without what the command printed, and no hang."""
+    monkeypatch.setattr(passwords_module, "COMMAND_TIMEOUT", 0.3)
+    command = script(tmp_path, "slow.sh", f"echo {LEAK} >&2\nexec sleep 60\n")
+    started = time.monotonic()
+    with pytest.raises(SecretUnavailable) as caught:
+        passwords_module.run_command("dev", "password_command", [str(command)])
+    elapsed = time.monotonic() - started
+    message = str(caught.value)
+    assert f"profile dev: password_command `{command}` did not finish within 0.3 s" in message
+    assert "mpagent unlock dev" in message and LEAK not in message
+    assert 0.3 <= elapsed < 5
+
+
+@pytest.mark.slow
 def test_password_command_that_hangs_is_stopped(
     tmp_path: Path, emulator: Emulator, p12: Path
 ) -> None:
-    """A password_command still running after 10 s is stopped: exit 78 saying so, no hang."""
+    """A password_command still running after 10 s is stopped: exit 78 saying so, no hang
+    (end to end with the real 10 s; the fast test above pins the timeout in-process)."""
     command = script(tmp_path, "slow.sh", f"echo {LEAK} >&2\nexec sleep 60\n")
     cfg = with_command(tmp_path, emulator, p12, password_command=[str(command)])
     started = time.monotonic()

@@ -16,7 +16,7 @@ from mpagent.emulator import Emulator, pki
 from mpagent.errors import ConfigError
 
 from .agentproc import AgentProcess, status, wait_for
-from .conftest import CLIENT_ID, PASSWORD, SCOPES, profile_for, run_cli, write_config
+from .conftest import CLIENT_ID, PASSWORD, SCOPES, issuer_key, profile_for, run_cli, write_config
 
 SCOPE = SCOPES[0]
 SHORT = "MASKINPORTEN_TOKEN_IDPORTEN_DCR_READ"
@@ -26,13 +26,13 @@ PROD_NAME = "MASKINPORTEN_TOKEN_PROD_IDPORTEN_DCR_READ"
 
 @pytest.fixture
 def test_issuer(ca: pki.Issued) -> Iterator[Emulator]:
-    with Emulator(clients={CLIENT_ID: SCOPES}, trust=[ca.cert]) as emu:
+    with Emulator(signing_key=issuer_key(), clients={CLIENT_ID: SCOPES}, trust=[ca.cert]) as emu:
         yield emu
 
 
 @pytest.fixture
 def prod_issuer(ca: pki.Issued) -> Iterator[Emulator]:
-    with Emulator(clients={CLIENT_ID: SCOPES}, trust=[ca.cert]) as emu:
+    with Emulator(signing_key=issuer_key(), clients={CLIENT_ID: SCOPES}, trust=[ca.cert]) as emu:
         yield emu
 
 

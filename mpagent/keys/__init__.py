@@ -7,8 +7,8 @@ own KeystoreError that names the file, says what to do next and carries a `check
 of `MESSAGES`), so tests and `mpagent doctor` can tell them apart. The certificate is judged by
 one pure function, `certificate_problems`: what Maskinporten certainly refuses is an error,
 what it may refuse a warning the key carries (`warnings`). Passwords are asked for only when
-the material is encrypted, and never reach a message. pyjks and pyasn1 are imported only when a
-JKS or a PKCS#12 is loaded.
+the material is encrypted, and never reach a message. pyjks is imported only when a JKS is
+loaded.
 """
 
 from __future__ import annotations
