@@ -25,9 +25,10 @@ from mpagent.config import Config, Profile
 from mpagent.errors import AlreadyRunning, ConfigError, MpagentError, ProtocolError
 from mpagent.exchange import open_exchange
 from mpagent.keys import certificate_warning
+from mpagent.keywatch import KeyWatch
 from mpagent.passwords import ProfilePasswords
 from mpagent.private import ensure_private_dir, remove_leftovers, try_lock, write_atomic
-from mpagent.refresher import Refresher, Source
+from mpagent.refresher import Customer, Refresher, Source, customer
 from mpagent.tokens import scope_string
 
 log = logging.getLogger("mpagent")
@@ -113,6 +114,7 @@ class Agent:
             on_change=self._env_changed,
             clock=clock,
         )
+        self.keywatch = KeyWatch(self.refresher, clock=clock)  # registered keys' expiry
         self._env_written: str | None = None
         self.env_error: str | None = None  # the last env-file write failure, for `status`
         self._env_task: asyncio.Task[None] | None = None
@@ -137,6 +139,7 @@ class Agent:
             self._install_signals(loop)
             self._watch()
             scheduler = loop.create_task(self.refresher.run())
+            key_checks = loop.create_task(self.keywatch.run())
             log.info(
                 "mpagent %s serving on %s (pid %d)", __version__, self.socket_path, os.getpid()
             )
@@ -149,6 +152,7 @@ class Agent:
                 bridge_server.close()
             await self._drain(listener)
             scheduler.cancel()
+            key_checks.cancel()
             await self._finish_env()
             with contextlib.suppress(FileNotFoundError):
                 self.env_path.unlink()
@@ -246,15 +250,19 @@ class Agent:
             raise ProtocolError("get needs at least one scope")
         profile = protocol.first(fields, "profile")
         min_ttl = _float(protocol.first(fields, "min_ttl"), "min_ttl")
-        token = self.refresher.cached(profile, scopes, min_ttl)
+        # Per customer (`get --systemuser-org` / `--consumer-org`): a key of its own.
+        org = customer(
+            protocol.first(fields, "systemuser_org"), protocol.first(fields, "consumer_org")
+        )
+        token = self.refresher.cached(profile, scopes, min_ttl, org)
         if token is not None:
             return server.token_reply(token, self._warnings(profile))
-        return self._get_slow(profile, scopes, min_ttl)
+        return self._get_slow(profile, scopes, min_ttl, org)
 
     async def _get_slow(
-        self, profile: str | None, scopes: list[str], min_ttl: float | None
+        self, profile: str | None, scopes: list[str], min_ttl: float | None, org: Customer | None
     ) -> bytes:
-        token = await self.refresher.get(profile, scopes, min_ttl)
+        token = await self.refresher.get(profile, scopes, min_ttl, org)
         return server.token_reply(token, self._warnings(profile))
 
     def _env(self, fields: protocol.Fields) -> bytes | Any:
@@ -366,6 +374,10 @@ class Agent:
             "config": str(self.cfg.path),
             "reload_error": self.reload_error.message if self.reload_error else None,
             "profiles": {name: self.problems.get(name) for name in self.cfg.names},
+            # Altinn 3: the profiles whose tokens are exchanged, and where ("altinn-tt02").
+            "exchanges": {
+                name: p.exchange_name for name, p in self.cfg.profiles.items() if p.exchange
+            },
             "passwords": {name: self.passwords.get(name) for name in self.cfg.names},
             "warnings": {
                 name: warning
@@ -374,6 +386,7 @@ class Agent:
             },
             "tokens": self.refresher.status(),
             "bridge": self.bridge.status() if self.bridge is not None else None,
+            **self.keywatch.status(),  # registered_keys, key_warnings
         }
 
     # -- reload --------------------------------------------------------------------------
@@ -425,6 +438,7 @@ class Agent:
         }
         self.refresher.idle_timeout = cfg.agent.idle_timeout
         self.refresher.set_sources(loaded.sources, cfg.default_profile, loaded.unusable)
+        self.keywatch.update(cfg)
 
     def _watch(self) -> None:
         from mpagent import watch

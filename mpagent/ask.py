@@ -38,7 +38,9 @@ def profile_name(args: "Any") -> str | None:
 
 
 def get_fields(args: "Any") -> list[tuple[str, str]]:
-    """The fields of a `get` or `env` request: each scope, the profile, min_ttl."""
+    """The fields of a `get` or `env` request: each scope, the profile, min_ttl, and the
+    customer organisation (`--systemuser-org` / `--consumer-org`), checked here before any
+    request: a mistyped digit never costs a token request."""
     fields = [("scope", scope) for scope in args.scopes]
     profile = profile_name(args)
     if profile:
@@ -46,4 +48,11 @@ def get_fields(args: "Any") -> list[tuple[str, str]]:
     min_ttl = getattr(args, "min_ttl", None)
     if min_ttl is not None:
         fields.append(("min_ttl", repr(min_ttl)))
+    for name in ("systemuser_org", "consumer_org"):
+        value = getattr(args, name, None)
+        if value is not None:
+            from mpagent.altinn import check_org_number  # not on the hot path: only when used
+
+            option = "--" + name.replace("_", "-")
+            fields.append((name, check_org_number(value, option)))
     return fields

@@ -38,13 +38,15 @@ from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit
 import platformdirs
 
 from mpagent import passwords, paths
-from mpagent.config import BridgeSettings, is_loopback
+from mpagent.altinn import is_loopback
+from mpagent.config import BridgeSettings
 from mpagent.errors import ConfigError, IssuerRejected, IssuerUnavailable, MpagentError
 from mpagent.errors import SecretUnavailable as NoKeyring
 from mpagent.logs import RateLimit
 from mpagent.passwords import SERVICE
 from mpagent.peers import PEER_CHECK, describe, holder, peer
 from mpagent.private import read_regular, write_atomic
+from mpagent.refresher import Customer, customer
 from mpagent.tokens import Token, fingerprint
 
 log = logging.getLogger(__name__)
@@ -318,16 +320,20 @@ class Bridge:
             source = self.refresher.source(client_id)
         except MpagentError as exc:  # the profile's configuration is wrong
             raise Refusal(exc.message, 500, "server_error") from exc
-        token = await self._token(client_id, self._scopes(form.get("scope"), source))
+        try:  # per customer: the form's systemuser_org / consumer_org, as on the socket
+            org = customer(form.get("systemuser_org"), form.get("consumer_org"))
+        except ConfigError as exc:
+            raise Refusal(exc.message, 400, "invalid_request") from exc
+        token = await self._token(client_id, self._scopes(form.get("scope"), source), org)
         log.debug("bridge: token %s for %s", fingerprint(token.access_token), client_id)
         expires_in = max(1, int(token.expires_at - time.time()))
         body = {"access_token": token.access_token, "token_type": token.token_type or "Bearer"}
         return render(200, {**body, "expires_in": expires_in, "scope": token.scope})
 
-    async def _token(self, profile: str, scopes: list[str]) -> Token:
+    async def _token(self, profile: str, scopes: list[str], org: Customer | None) -> Token:
         try:
-            cached: Token | None = self.refresher.cached(profile, scopes, None)
-            return cached or await self.refresher.get(profile, scopes, None)
+            cached: Token | None = self.refresher.cached(profile, scopes, None, org)
+            return cached or await self.refresher.get(profile, scopes, None, org)
         except IssuerRejected as exc:
             error = "invalid_scope" if exc.error == "invalid_scope" else "invalid_grant"
             raise Refusal(exc.message, 400, error) from exc

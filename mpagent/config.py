@@ -4,7 +4,6 @@ says what is wrong and what to write instead. Passwords are never read from here
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import json
 import os
 import shlex
@@ -15,7 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from mpagent import envfile, paths
+from mpagent import altinn, envfile, paths
+from mpagent.altinn import is_loopback
 from mpagent.errors import ConfigError
 from mpagent.private import read_regular
 from mpagent.tokens import scope_string
@@ -37,6 +37,13 @@ PROFILE_KEYS = (
     "env_names",
     "password_command",
     "key_password_command",
+    "admin_profile",
+    "admin_api",
+    "auto_renew",
+    "exchange",
+    "altinn_test_org",
+    "systemuser_org",
+    "systemuser_ref",
     *OPTIONAL_CLAIMS,
 )
 AGENT_KEYS = ("env_file", "idle_timeout", "log_level")
@@ -51,7 +58,8 @@ class Profile:
     environment: str
     client_id: str
     scopes: tuple[str, ...]
-    keystore: Path
+    # None only with admin_profile: a client that has no key of its own yet (`mpagent keys create`)
+    keystore: Path | None
     keystore_type: str | None = None
     alias: str | None = None
     certificate: Path | None = None
@@ -62,6 +70,17 @@ class Profile:
     # argv of a program that prints the password (passwords.py runs it, without a shell)
     password_command: tuple[str, ...] | None = None
     key_password_command: tuple[str, ...] | None = None
+    # The profile whose token authorises Digdir's admin API for this client's keys (None: this
+    # profile itself, when it signs with a certificate), its URL, and renewing keys near expiry.
+    admin_profile: str | None = None
+    admin_api: str | None = None
+    auto_renew: bool = False
+    # Altinn 3: every token of the profile is exchanged at `exchange` (the full URL, with
+    # ?test=true for altinn_test_org); `exchange_name` is the target as written, for status.
+    exchange: str | None = None
+    exchange_name: str | None = None
+    # The externalRef of the system users asked for, the profile's and per request's alike.
+    systemuser_ref: str | None = None
 
     @property
     def claims_json(self) -> str:
@@ -201,6 +220,9 @@ def parse(raw: Mapping[str, Any], file: Path) -> Config:
             profiles[name] = _profile(name, _table(profiles_raw, name, file, "[profiles]"), file)
         except ConfigError as exc:
             broken[name] = exc
+    for name, wrong in _unknown_admin_profiles(profiles, profiles_raw, file).items():
+        broken[name] = wrong
+        del profiles[name]
     default_name = default or (next(iter(profiles_raw)) if len(profiles_raw) == 1 else None)
     for name, clash in _env_name_clashes(profiles, default_name, file).items():
         broken[name] = clash
@@ -239,6 +261,18 @@ def _profile(name: str, t: Mapping[str, Any], file: Path) -> Profile:
     algorithm = get.text("algorithm") or "RS256"
     if algorithm not in ALGORITHMS:
         raise get.error("algorithm", f"is {algorithm!r}", f"write one of {', '.join(ALGORITHMS)}")
+    environment = _environment(get)
+    client_id = get.text("client_id", required=True) or ""
+    admin_profile = get.text("admin_profile")
+    if admin_profile is None and "keystore" not in t:
+        raise get.error(
+            "keystore",
+            "is missing",
+            'add keystore = "..."; or, for a client with no key yet, set admin_profile = '
+            '"PROFILE" (the profile whose token may manage this client\'s keys) and run '
+            f"`mpagent keys create --profile {name} --switch`",
+        )
+    exchange_name, exchange = _exchange(get)
     env_names = get.table("env_names")
     for scope, env_name in env_names.items():
         if not isinstance(env_name, str) or not _is_env_name(env_name):
@@ -247,20 +281,89 @@ def _profile(name: str, t: Mapping[str, Any], file: Path) -> Profile:
             )
     return Profile(
         name=name,
-        environment=_environment(get),
-        client_id=get.text("client_id", required=True) or "",
+        environment=environment,
+        client_id=client_id,
         scopes=tuple(scopes),
-        keystore=get.path("keystore", required=True) or Path(),
+        keystore=get.path("keystore"),
         keystore_type=keystore_type,
         alias=get.text("alias"),
         certificate=get.path("certificate"),
         kid=get.text("kid"),
         algorithm=algorithm,
-        claims=_claims(get),
+        claims=_claims(get, scopes),
         env_names={scope_string([k]): v for k, v in env_names.items()},
         password_command=_command(get, "password_command", name),
         key_password_command=_command(get, "key_password_command", name),
+        admin_profile=admin_profile,
+        admin_api=_admin_api(get),
+        auto_renew=get.flag("auto_renew"),
+        exchange=exchange,
+        exchange_name=exchange_name,
+        systemuser_ref=get.text("systemuser_ref"),
     )
+
+
+def _exchange(get: _Getter) -> tuple[str | None, str | None]:
+    """(the target as written, the URL to GET) of `exchange`, or (None, None)."""
+    test_org = get.flag("altinn_test_org")
+    if "exchange" not in get.t:
+        if test_org:
+            raise get.error(
+                "altinn_test_org",
+                "is set without exchange",
+                'add exchange = "altinn-tt02" (test organisations live in tt02)',
+            )
+        return None, None
+    where = f"{get.file}: {get.where} exchange"
+    target = altinn.check_target(get.t["exchange"], where)
+    return target, altinn.exchange_url(target, test_org, where)
+
+
+def _admin_api(get: _Getter) -> str | None:
+    """The admin API's base URL (…/clients/): https, or plain http to loopback (the emulator),
+    as for `environment`: the bearer token with the admin scopes goes there."""
+    url = get.text("admin_api")
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    example = 'e.g. admin_api = "https://api.test.samarbeid.digdir.no/clients/"'
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise get.error("admin_api", f"is {url!r}", f"write the admin API's URL, {example}")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise get.error(
+            "admin_api",
+            f"uses plain http:// to {parts.hostname}",
+            "use https://; plain http is allowed only for loopback (the emulator)",
+        )
+    return url.rstrip("/") + "/"
+
+
+def _unknown_admin_profiles(
+    profiles: Mapping[str, Profile], names: Collection[str], file: Path
+) -> dict[str, ConfigError]:
+    """A profile whose admin_profile names no profile is unusable (a typo would otherwise
+    show up only at `mpagent keys ...`)."""
+    wrong: dict[str, ConfigError] = {}
+    for p in profiles.values():
+        # The admin API takes Maskinporten tokens; a profile with `exchange` serves Altinn's.
+        admin = profiles.get(p.admin_profile) if p.admin_profile else p if p.auto_renew else None
+        if admin is not None and admin.exchange:
+            setting = f"admin_profile = {admin.name!r}" if p.admin_profile else "auto_renew"
+            wrong[p.name] = ConfigError(
+                f"{file}: [profiles.{p.name}] {setting}: the tokens of profile {admin.name} are "
+                "Altinn's (it sets exchange), and Digdir's admin API takes Maskinporten's; set "
+                "admin_profile to a profile without exchange (one on the same keystore will do)"
+            )
+            continue
+        if p.admin_profile is None or p.admin_profile in names:
+            continue
+        close = difflib.get_close_matches(p.admin_profile, list(names), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"write one of: {', '.join(names)}"
+        wrong[p.name] = ConfigError(
+            f"{file}: [profiles.{p.name}] admin_profile = {p.admin_profile!r} names no "
+            f"profile; {hint}"
+        )
+    return wrong
 
 
 def _command(get: _Getter, key: str, profile: str) -> tuple[str, ...] | None:
@@ -342,31 +445,38 @@ def _environment(get: _Getter) -> str:
     return env
 
 
-def _claims(get: _Getter) -> dict[str, Any]:
+def _claims(get: _Getter, scopes: list[str]) -> dict[str, Any]:
     claims: dict[str, Any] = {}
     resource = get.t.get("resource")
     if resource is not None:
         claims["resource"] = (
             get.text("resource") if isinstance(resource, str) else get.texts("resource")
         )
-    for key in ("consumer_org", "pid", "iss_onbehalfof"):
+    for key in ("pid", "iss_onbehalfof"):
         value = get.text(key)
         if value is not None:
             claims[key] = value
-    org = claims.get("consumer_org")
-    if org is not None and not (len(org) == 9 and org.isdigit()):
-        raise get.error(
-            "consumer_org",
-            f"is {org!r}",
-            "write the customer's 9-digit organisation number as a string",
+    where = f"{get.file}: {get.where}"
+    if "consumer_org" in get.t:
+        claims["consumer_org"] = altinn.check_org_number(
+            get.t["consumer_org"], f"{where} consumer_org"
         )
-    if org is not None and "iss_onbehalfof" in claims:
-        raise get.error(
-            "consumer_org",
-            "is set together with iss_onbehalfof",
-            "Maskinporten accepts only one of them; remove one",
-        )
+        if "iss_onbehalfof" in claims:
+            raise get.error(
+                "consumer_org",
+                "is set together with iss_onbehalfof",
+                "Maskinporten accepts only one of them; remove one",
+            )
     details = get.t.get("authorization_details")
+    if "systemuser_org" in get.t:
+        if details is not None:
+            raise get.error(
+                "systemuser_org",
+                "is set together with authorization_details",
+                "systemuser_org is written out as authorization_details; keep one of them",
+            )
+        ref = get.text("systemuser_ref")
+        details = altinn.systemuser_details(get.t["systemuser_org"], ref, f"{where} systemuser_org")
     if details is not None:
         if not isinstance(details, list) or not all(
             isinstance(d, dict) and "type" in d for d in details
@@ -376,6 +486,9 @@ def _claims(get: _Getter) -> dict[str, Any]:
                 "is not a list of tables with a type",
                 'write [[profiles.NAME.authorization_details]] tables with type = "urn:altinn:systemuser"',
             )
+        # "At least one scope" is checked per request (a profile may keep no scopes and
+        # serve `get SCOPE`); the organisation count and numbers are checked here.
+        altinn.check_systemuser_grant(scopes or ["(asked for by get)"], details, where)
         claims["authorization_details"] = details
     return claims
 
@@ -461,6 +574,12 @@ class _Getter:
         p = Path(value).expanduser()
         return p if p.is_absolute() else (self.file.parent / p)
 
+    def flag(self, key: str) -> bool:
+        value = self.t.get(key, False)
+        if not isinstance(value, bool):
+            raise self.error(key, f"is {value!r}", f"write {key} = true or {key} = false")
+        return value
+
     def number(self, key: str, default: float) -> float:
         value = self.t.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
@@ -494,12 +613,3 @@ def _check_keys(t: Mapping[str, Any], allowed: tuple[str, ...], file: Path, wher
 
 def _is_env_name(name: str) -> bool:
     return name.replace("_", "A").isalnum() and name.isascii() and not name[0].isdigit()
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

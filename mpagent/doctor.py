@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -23,6 +24,8 @@ from mpagent.envfile import name_part
 from mpagent.exchange import Exchange, load_key
 from mpagent.issuer import Issuer, endpoints_from, hint_for, other_host
 from mpagent.keys import Passwords, SigningKey, days_left, describe, key_usages
+from mpagent.keywatch import watches
+from mpagent.ownkeys import RENEW_DAYS, RegisteredKey, expiry_text
 from mpagent.passwords import ProfilePasswords
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
@@ -216,18 +219,54 @@ def check_token(exchange: Exchange, scope: str) -> Result:
     except errors.IssuerRejected as exc:
         code = f" [{exc.mp_code}]" if exc.mp_code else ""
         detail = f"Maskinporten refused: {exc.error}{code}: {exc.error_description}"
-        return failed(title, detail, explain(exc), exc.exit_code)
+        return failed(title, detail, explain(exc, exchange.profile.name), exc.exit_code)
     except errors.MpagentError as exc:
         return failed(title, str(exc), code=exc.exit_code)
     return ok(title, f"{token.token_type} token for {token.scope!r}, {token.lifetime:.0f} s")
 
 
-def explain(exc: errors.IssuerRejected) -> str:
+def explain(exc: errors.IssuerRejected, profile: str = "<profile>") -> str:
     """The next step for a refusal: the likely cause exchange found first (the key usage)."""
     cause = exc.details.get("likely_cause")
     found = hint_for(exc.mp_code, exc.error, exc.error_description or "")
-    steps = [f"likely cause: {cause}" if cause else "", found]
+    steps = [f"likely cause: {cause}" if cause else "", found.replace("<profile>", profile)]
     return "; ".join(filter(None, steps)) or "check the client's registration with Digdir"
+
+
+def check_registered_keys(cfg: Any, profile: Profile, now: float) -> list[Result]:
+    """For a profile with admin access (admin_profile or auto_renew): a row per key of the
+    client's set in Digdir's admin API, with its expiry, `!` under RENEW_DAYS, and the one
+    the profile signs with. The API failing is a row too."""
+    from mpagent import adminapi
+
+    title = "registered keys"
+    try:
+        keys = adminapi.for_profile(cfg, profile).keys(profile.client_id)
+    except errors.MpagentError as exc:
+        return [failed(title, str(exc), code=exc.exit_code)]
+    rows = [registered_key_row(k, now, profile) for k in keys.keys]
+    if profile.kid is not None and keys.get(profile.kid) is None:
+        detail = f"the profile signs with kid {profile.kid!r}, which client {profile.client_id}"
+        detail += f" has not registered ({', '.join(keys.kids()) or 'no keys'})"
+        fix = f"mpagent keys create --profile {profile.name} --switch, or correct kid"
+        rows.append(failed(title, detail, fix, errors.EX_NOPERM))
+    return rows or [ok(title, f"client {profile.client_id} has no registered keys")]
+
+
+def registered_key_row(key: RegisteredKey, now: float, profile: Profile) -> Result:
+    """One key's row: ok, a warning under RENEW_DAYS, a failure if the profile signs with
+    an expired one (Maskinporten refuses it: MP-121)."""
+    signing = key.kid == profile.kid
+    title = f"registered key {key.kid}"
+    detail = f"expires {expiry_text(key, now)}" + ("; the profile signs with it" if signing else "")
+    left = key.days_left(now)
+    if left is None or left >= RENEW_DAYS:
+        return ok(title, detail)
+    fix = f"mpagent keys renew --profile {profile.name}"
+    fix += "" if profile.auto_renew else " (or auto_renew = true: the agent renews)"
+    if left <= 0 and signing:
+        return failed(title, detail + ": Maskinporten refuses it (MP-121)", fix, errors.EX_NOPERM)
+    return Result(WARN, title, detail + f": under {RENEW_DAYS} days", fix)
 
 
 def check_bridge(config_path: str | None) -> list[Result]:
@@ -289,13 +328,16 @@ def run(config_path: str | None, profile_name: str | None, no_token: bool = Fals
     metadata, skew = check_metadata(issuer)
     clock = check_clock(skew) if metadata.status != FAIL else skipped("clock", "needs metadata")
     results += [metadata, clock]
+    # The admin profile's token reads the key set, whatever this profile's own key does.
+    registered = watches(profile) and not no_token
     if no_token or key is None or any(r.status == FAIL for r in results):
-        return [
-            *results,
-            skipped("token request", "--no-token" if no_token else "fix the failures first"),
-        ]
-    exchange = Exchange(profile, key, issuer)
-    return results + [check_token(exchange, scope) for scope in profile.scopes]
+        results.append(
+            skipped("token request", "--no-token" if no_token else "fix the failures first")
+        )
+    else:
+        exchange = Exchange(profile, key, issuer)
+        results += [check_token(exchange, scope) for scope in profile.scopes]
+    return results + (check_registered_keys(cfg, profile, time.time()) if registered else [])
 
 
 def _certificate_checks(profile: Profile, key: SigningKey | None) -> list[Result]:

@@ -91,6 +91,14 @@ class IssuerUnavailable(MpagentError):
     exit_code = EX_TEMPFAIL
 
 
+class AdminApiError(MpagentError):
+    """Digdir's admin API (the client's registered keys) refused a request (4xx) or answered
+    with a body mpagent cannot use. Not retried: the message says what to change."""
+
+    kind = "admin"
+    exit_code = EX_NOPERM
+
+
 class AgentNotRunning(MpagentError):
     """No agent answers on the socket."""
 
@@ -119,6 +127,7 @@ _BY_KIND: "dict[str, type[MpagentError]]" = {
         SecretUnavailable,
         IssuerRejected,
         IssuerUnavailable,
+        AdminApiError,
         AgentNotRunning,
         AlreadyRunning,
         ProtocolError,

@@ -1,4 +1,5 @@
-"""One profile's path from key material to access token: load the key, sign, exchange.
+"""One profile's path from key material to access token: load the key, sign, exchange; and,
+for a profile with `exchange`, the Maskinporten token exchanged for an Altinn token.
 
 Shared by `mpagent get --no-agent` and the agent's refresher. Blocking (keyring, password
 command, disk, HTTP): the agent runs it in worker threads.
@@ -10,11 +11,12 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
-from mpagent import grant
+from mpagent import altinn, altinnapi, grant
 from mpagent.config import Config, Profile
-from mpagent.errors import IssuerRejected, MpagentError
+from mpagent.errors import ConfigError, IssuerRejected, KeystoreError, MpagentError
 from mpagent.issuer import Issuer, hint_for
 from mpagent.keys import Passwords, SigningKey, load_signing_key, usage_cause
 from mpagent.passwords import ProfilePasswords
@@ -37,27 +39,38 @@ class Exchange:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.profile, self.key, self.issuer, self.clock = profile, key, issuer, clock
+        # One session per Exchange keeps the connection to Altinn between refreshes.
+        self.altinn_session = altinnapi.new_session() if profile.exchange else None
 
-    def grant(self, scopes: Iterable[str]) -> str:
+    def grant(self, scopes: Iterable[str], claims: Mapping[str, Any] | None = None) -> str:
+        """The signed grant for `scopes`, with the profile's claims or, for a per-customer
+        token, `claims` (customer_claims)."""
         body = grant.claims(
             audience=self.issuer.endpoints().issuer,
             client_id=self.profile.client_id,
             scopes=scopes,
             now=self.clock(),
             jti=str(uuid.uuid4()),
-            extra=self.profile.claims,
+            extra=self.profile.claims if claims is None else claims,
         )
         return grant.sign(self.key, body, kid=self.profile.kid, algorithm=self.profile.algorithm)
 
-    def fetch(self, scopes: Iterable[str]) -> Token:
+    def fetch(self, scopes: Iterable[str], claims: Mapping[str, Any] | None = None) -> Token:
+        """A Maskinporten token for `scopes` (with `claims` in place of the profile's, when
+        given); with `exchange`, the Altinn token it is exchanged for, served until the
+        earlier of both expiries."""
+        scopes = list(scopes)
+        extra = self.profile.claims if claims is None else claims
+        details = extra.get("authorization_details")
+        if details is not None:
+            altinn.check_systemuser_grant(scopes, details, f"profile {self.profile.name}")
         try:
-            token = self.issuer.request_token(self.grant(scopes))
+            token = self.issuer.request_token(self.grant(scopes, extra))
         except IssuerRejected as exc:
-            cause = usage_cause(self.key)
-            if cause is None or not may_be_the_certificate(exc):
+            explained = self._explained(exc, details)
+            if explained is exc:
                 raise
-            message = f"{exc.message}. Likely cause: {cause}"
-            raise type(exc)(message, **exc.details, likely_cause=cause) from exc
+            raise explained from exc
         log.debug(
             "profile %s: token %s for %r, %.0f s",
             self.profile.name,
@@ -65,7 +78,73 @@ class Exchange:
             token.scope,
             token.lifetime,
         )
-        return token
+        return self._exchanged(token) if self.profile.exchange else token
+
+    def _explained(self, exc: IssuerRejected, details: object) -> IssuerRejected:
+        """The refusal with what it likely means for this profile: a hint naming it, the
+        next step for an authorization_details refusal, or the certificate's likely cause."""
+        if "<profile>" in exc.message:  # a hint naming the profile (MP-121: keys renew)
+            named = exc.message.replace("<profile>", self.profile.name)
+            return type(exc)(named, **exc.details)
+        hint = altinn.rar_hint(exc.mp_code, altinn.systemuser_org_of(details))
+        if hint:
+            return type(exc)(f"{exc.message} — {hint}", **exc.details)
+        cause = usage_cause(self.key)
+        if cause is None or not may_be_the_certificate(exc):
+            return exc
+        message = f"{exc.message}. Likely cause: {cause}"
+        return type(exc)(message, **exc.details, likely_cause=cause)
+
+    def _exchanged(self, token: Token) -> Token:
+        """The Altinn token for Maskinporten's `token`; altinnapi's errors say the step."""
+        assert self.profile.exchange is not None
+        connect_timeout, read_timeout = self.issuer.timeout
+        altinn_token = altinnapi.exchange(
+            self.profile.exchange,
+            token.access_token,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            session=self.altinn_session,
+        )
+        expires_at = altinn.altinn_expiry(altinn_token, token.expires_at)
+        log.debug(
+            "profile %s: Altinn token %s from %s, %.0f s",
+            self.profile.name,
+            fingerprint(altinn_token),
+            self.profile.exchange_name,
+            expires_at - token.requested_at,
+        )
+        return Token(altinn_token, token.token_type, token.scope, token.requested_at, expires_at)
+
+
+ONE_CUSTOMER = (
+    "ask for a system-user token (systemuser_org) or a delegated one (consumer_org), not both "
+    "at once"
+)
+
+
+def customer_claims(
+    profile: Profile, systemuser_org: str | None = None, consumer_org: str | None = None
+) -> dict[str, Any]:
+    """The claims of a token for one customer organisation, asked for per request: the
+    profile's, with authorization_details for a system user of `systemuser_org` (its
+    externalRef the profile's systemuser_ref), or with consumer_org set (Altinn delegation).
+    A bad organisation number is a ConfigError naming the field."""
+    if systemuser_org and consumer_org:
+        raise ConfigError(ONE_CUSTOMER)
+    claims = dict(profile.claims)
+    if systemuser_org:
+        claims["authorization_details"] = altinn.systemuser_details(
+            systemuser_org, profile.systemuser_ref, "systemuser_org"
+        )
+    if consumer_org:
+        if "iss_onbehalfof" in claims:
+            raise ConfigError(
+                f"profile {profile.name} sets iss_onbehalfof, and Maskinporten takes only one "
+                "of iss_onbehalfof and consumer_org; use a profile without it"
+            )
+        claims["consumer_org"] = altinn.check_org_number(consumer_org, "consumer_org")
+    return claims
 
 
 def may_be_the_certificate(exc: IssuerRejected) -> bool:
@@ -83,6 +162,12 @@ def load_key(
 ) -> SigningKey:
     """The profile's signing key. Without `passwords`, they come from the profile's usual
     sources, with a prompt only in the foreground on a terminal."""
+    if profile.keystore is None:  # allowed only with admin_profile (config.py)
+        raise KeystoreError(
+            f"profile {profile.name} has no key yet; create one: "
+            f"mpagent keys create --profile {profile.name} --switch",
+            check="no_key",
+        )
     if passwords is None:
         passwords = ProfilePasswords.for_profile(profile, interactive=sys.stdin.isatty())
     try:

@@ -29,6 +29,8 @@ class FastArgs:
     config: "str | None" = None
     profile: "str | None" = None
     min_ttl: "float | None" = None
+    systemuser_org: "str | None" = None
+    consumer_org: "str | None" = None
     json = no_start = False
 
     def __init__(self, func: "Callable[[Any], int]") -> None:
@@ -37,18 +39,20 @@ class FastArgs:
 
 
 def parse(argv: list[str]) -> FastArgs | None:
-    """`[--config F] [--profile P] get SCOPE... [--min-ttl S] [--json] [--no-start]` or
-    `[--config F] [--profile P] env`, or None to let argparse handle anything else (including
-    every mistake and --help). As in argparse, --config and --profile (-p) go before or after
-    the command, as `--config F` or `--config=F`."""
+    """`[--config F] [--profile P] get SCOPE... [--min-ttl S] [--json] [--no-start]
+    [--systemuser-org ORGNO | --consumer-org ORGNO]` or `[--config F] [--profile P] env`, or
+    None to let argparse handle anything else (including every mistake and --help). As in
+    argparse, --config and --profile (-p) go before or after the command, as `--config F` or
+    `--config=F`."""
     command = config = profile = min_ttl = None
+    orgs: dict[str, str] = {}
     flags: list[str] = []
     scopes: list[str] = []
     rest = list(argv)
     while rest:
         word = rest.pop(0)
         name, eq, value = word.partition("=") if word[:2] == "--" else (word, "", "")
-        if name in ("--config", "--profile", "-p", "--min-ttl") and not eq:
+        if name in ("--config", "--profile", "-p", *VALUE_OPTIONS) and not eq:
             if not rest or rest[0][:1] == "-":
                 return None  # argparse says what is missing
             value = rest.pop(0)
@@ -64,23 +68,32 @@ def parse(argv: list[str]) -> FastArgs | None:
             return None
         elif name == "--min-ttl":
             min_ttl = value
+        elif name in ORG_OPTIONS:
+            orgs[ORG_OPTIONS[name]] = value
         elif word in ("--json", "--no-start"):
             flags.append(word)
         elif word[:1] == "-":
             return None
         else:
             scopes.append(word)
-    if command is None or (command == "get" and not scopes):
-        return None
+    if command is None or (command == "get" and not scopes) or len(orgs) > 1:
+        return None  # argparse says what is missing, or that the two options exclude each other
     args = FastArgs(COMMANDS[command])
     args.config, args.profile, args.scopes = config, profile, scopes
     args.json, args.no_start = "--json" in flags, "--no-start" in flags
+    args.systemuser_org = orgs.get("systemuser_org")
+    args.consumer_org = orgs.get("consumer_org")
     if min_ttl is not None:
         try:
             args.min_ttl = float(min_ttl)
         except ValueError:
             return None
     return args
+
+
+# Per customer organisation (Altinn 3): the wire fields of these names.
+ORG_OPTIONS = {"--systemuser-org": "systemuser_org", "--consumer-org": "consumer_org"}
+VALUE_OPTIONS = ("--min-ttl", *ORG_OPTIONS)
 
 
 def run(args: "Any") -> int:

@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from mpagent import fastcli
-from mpagent.ask import ask_agent, profile_name
+from mpagent.ask import ask_agent, get_fields, profile_name
 from mpagent.console import printable, say
 from mpagent.errors import (
     AgentNotRunning,
@@ -86,12 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="sign a grant and exchange it in this process, without the agent or its cache",
     )
     p.add_argument("--no-start", action="store_true", help=NO_START_HELP)
+    customer_options(p)
 
     p = command("header", cmd_header, "print `Authorization: Bearer <token>` for curl -H @file")
     scopes_argument(p)
     profile_option(p)
     p.add_argument("--min-ttl", type=float, metavar="SECONDS", help=MIN_TTL_HELP)
     p.add_argument("--no-start", action="store_true", help=NO_START_HELP)
+    customer_options(p)
 
     p = command("grant", cmd_grant, "print a signed JWT grant for SCOPE (for debugging)")
     scopes_argument(p)
@@ -100,7 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("emulator", cmd_emulator, "run a local Maskinporten emulator")
     p.epilog = (
         "Prints its issuer URL on the first line of stdout, logs each token request to stderr "
-        "and serves until Ctrl-C. Example: mpagent emulator --trust ca.pem "
+        "and serves until Ctrl-C. It also serves Digdir's admin API for its clients' keys: "
+        "GET, POST, PUT and DELETE ISSUERclients/CLIENT_ID/jwks, with a Bearer token it issued "
+        "for idporten:dcr.read (to read) or idporten:dcr.write (to change) to a client that signs "
+        "with a certificate. And Altinn 3's token exchange: GET "
+        "ISSUERauthentication/api/v1/exchange/maskinporten[?test=true] with a Bearer token it "
+        "issued answers an Altinn token (a JWT, as text), anything else 401. Example: mpagent "
+        "emulator --trust ca.pem "
         "--client 'CLIENT_ID=idporten:dcr.read,idporten:dcr.write;lifetime=3599'"
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -137,6 +145,40 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="access-token lifetime for clients without their own lifetime=, 1-7200 "
         "(default: 120, Maskinporten's default)",
+    )
+    p.add_argument(
+        "--key-lifetime",
+        type=float,
+        default=365 * 86400,
+        metavar="SECONDS",
+        help="how long a key registered through the admin API (ISSUERclients/CLIENT_ID/jwks) is "
+        "valid from upload; a grant signed with it later gets MP-121 Expired key "
+        "(default: 31536000, one year, as Maskinporten)",
+    )
+    p.add_argument(
+        "--propagation",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="delay before a change to a client's keys through the admin API reaches /token; "
+        "the admin API shows it at once (default: 0; Maskinporten takes 0-120 s, sometimes more)",
+    )
+    p.add_argument(
+        "--altinn-lifetime",
+        type=int,
+        default=1800,
+        metavar="SECONDS",
+        help="lifetime of the Altinn tokens its exchange gives, not capped at the Maskinporten "
+        "token's expiry (default: 1800, as Altinn's tt02)",
+    )
+    p.add_argument(
+        "--systemuser",
+        action="append",
+        default=[],
+        metavar="CLIENT_ID=ORGNO[,ORGNO...]",
+        help="the organisations that have a system user for this client; a grant with "
+        "urn:altinn:systemuser authorization_details for any other gets MP-303; repeatable "
+        "(default: none, and then every organisation has one for every client)",
     )
 
     command("agent", cmd_agent, "run the agent in the foreground (what systemd/launchd run)")
@@ -285,8 +327,85 @@ def build_parser() -> argparse.ArgumentParser:
         "newman run COLLECTION -e <(mpagent postman --with-secret)",
     )
 
+    # -- `mpagent keys`: the client's own keys in Digdir's admin API
+    p = command(
+        "keys", cmd_keys, "the client's own registered keys: list, create, renew, rotate, delete"
+    )
+    p.epilog = KEYS_EPILOG
+    keys = p.add_subparsers(metavar="ACTION")
+
+    def keys_command(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
+        k = keys.add_parser(name, help=help_text, description=help_text, parents=[after])
+        k.set_defaults(func=func)
+        profile_option(k)
+        return k
+
+    def dry_run_option(k: argparse.ArgumentParser) -> None:
+        k.add_argument("--dry-run", action="store_true", help=KEYS_DRY_RUN_HELP)
+
+    keys_command("list", cmd_keys_list, "show the client's registered keys and their expiry")
+    k = keys_command(
+        "create",
+        cmd_keys_create,
+        "make an RSA key here and register its public half with the client's other keys",
+    )
+    k.add_argument(
+        "--out",
+        metavar="PATH",
+        help="the new private key's file, 0600 PKCS#8 PEM (default: <kid>.pem in mpagent's "
+        "keys directory, ~/.local/share/mpagent/keys/ on Linux)",
+    )
+    k.add_argument(
+        "--kid",
+        help="the key's kid, unique across all of Digdir's customers (default: "
+        "mpagent-<profile>-<date>-<random>)",
+    )
+    k.add_argument(
+        "--switch",
+        action="store_true",
+        help="also make the profile sign with the new key: writes keystore, keystore_type and "
+        "kid into the config file, comments kept (default: print the lines only)",
+    )
+    dry_run_option(k)
+    k = keys_command(
+        "renew", cmd_keys_renew, "re-register every key unchanged: each lives a year from now"
+    )
+    dry_run_option(k)
+    k = keys_command(
+        "rotate",
+        cmd_keys_rotate,
+        "replace the key the profile signs with by a new one, without a failed token request; "
+        "rerun it to finish an interrupted rotation",
+    )
+    k.add_argument(
+        "--grace",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long the old key stays registered after the switch, for agents and copies "
+        "still signing with it (default: 300)",
+    )
+    dry_run_option(k)
+    k = keys_command("delete", cmd_keys_delete, "remove one key from the client's registered keys")
+    k.add_argument("delete_kid", metavar="KID", help="the kid of the key to remove")
+    k.add_argument("--yes", action="store_true", help="do not ask for confirmation (default: ask)")
+    dry_run_option(k)
+
     command("demo", cmd_demo, "show mpagent working against the built-in emulator")
     return parser
+
+
+KEYS_EPILOG = (
+    "The keys live in Digdir's self-service admin API (admin_api, else Digdir's for test or "
+    "prod), reached with a token of the profile's admin_profile (default: the profile itself "
+    "when it signs with a business certificate); its client needs the scopes "
+    "idporten:dcr.read and idporten:dcr.write. A registered key lives a year; renew or rotate "
+    "before that (auto_renew = true lets the agent renew)."
+)
+KEYS_DRY_RUN_HELP = (
+    "print each change (method, URL, JSON body) instead of sending it; reads are still sent "
+    "(default: send)"
+)
 
 
 CONFIG_HELP = (
@@ -333,6 +452,24 @@ class LogFormatter(logging.Formatter):
         return f"mpagent: {record.levelname.lower()}: {printable(record.getMessage())}"
 
 
+def customer_options(p: argparse.ArgumentParser) -> None:
+    """`get`'s and `header`'s token for one customer organisation (Altinn 3)."""
+    one = p.add_mutually_exclusive_group()
+    one.add_argument(
+        "--systemuser-org",
+        metavar="ORGNO",
+        help='a token for the system user of this organisation (nine digits, "0192:" '
+        "accepted): the grant's authorization_details name it; cached under its own key "
+        "(default: the profile's systemuser_org, if any)",
+    )
+    one.add_argument(
+        "--consumer-org",
+        metavar="ORGNO",
+        help="a token delegated by this organisation in Altinn (the grant's consumer_org); "
+        "cached under its own key (default: the profile's consumer_org, if any)",
+    )
+
+
 def log_to_stderr(args: argparse.Namespace) -> None:
     """Warnings from the modules a command uses (a clock skew, say) reach stderr in the
     CLI's own form. Not for the agent and the emulator, which set up their own logging."""
@@ -374,7 +511,14 @@ def cmd_get(args: argparse.Namespace) -> int:
     this process."""
     if not args.no_agent:
         return fastcli.cmd_get(args)
-    token = open_profile(args).fetch(args.scopes)
+    from mpagent.exchange import customer_claims
+
+    get_fields(args)  # the organisation numbers checked before the key is opened
+    exchange = open_profile(args)
+    claims = None
+    if args.systemuser_org or args.consumer_org:
+        claims = customer_claims(exchange.profile, args.systemuser_org, args.consumer_org)
+    token = exchange.fetch(args.scopes, claims)
     write_token(token.access_token, token.token_type, token.scope, token.expires_at, args.json)
     return 0
 
@@ -408,6 +552,10 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         trust=[Path(p) for p in args.trust],
         jwks=args.jwk,
         token_lifetime=args.token_lifetime,
+        key_lifetime=args.key_lifetime,
+        propagation=args.propagation,
+        altinn_lifetime=args.altinn_lifetime,
+        systemusers=args.systemuser,
     )
     print(emulator.issuer, flush=True)
     emulator.serve_forever()
@@ -447,9 +595,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(document, indent=2))
         return 0
-    from mpagent import report
+    from mpagent import keywatch, report
 
     print(report.status(document))
+    for line in keywatch.render(document):  # registered keys, with admin_profile/auto_renew
+        print(line)
     return 0
 
 
@@ -876,4 +1026,208 @@ def cmd_postman(args: argparse.Namespace) -> int:
         f"-e <({mpagent} postman --profile {shlex.quote(profile.name)} --with-secret) "
         f'--folder "{postman.SCRIPT_FOLDER}" --env-var base_url=https://api.example.no'
     )
+    return 0
+
+
+# -- `mpagent keys`: the client's own keys (adminapi, ownkeys, keys.generate, configedit) ----
+#
+# Reads are sent even in a dry run; a change is shown instead (adminapi's `show`). What a
+# command found is its stdout (the table, the profile lines, the new expiries); what it did,
+# and warnings, are `mpagent:` lines on stderr.
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    say("keys needs an action: list, create, renew, rotate or delete (mpagent keys --help)")
+    return 2
+
+
+def _keys_api(args: argparse.Namespace) -> tuple[Any, Profile, Any]:
+    """(config, profile, its admin API) for a `keys` command."""
+    from mpagent import adminapi
+
+    cfg, profile = load_profile(args)
+    show = _show_request if getattr(args, "dry_run", False) else None
+    return cfg, profile, adminapi.for_profile(cfg, profile, show=show)
+
+
+def _show_request(text: str) -> None:
+    """A change a dry run does not send: its request line, then its JSON body, line by line
+    (a kid from the admin API may hold anything: each line is escaped)."""
+    first, *body = text.splitlines()
+    print(printable(f"dry run, not sent: {first}"), flush=True)
+    for line in body:
+        print(printable(line), flush=True)
+
+
+def _held(profile: Profile, kids: list[str]) -> set[str]:
+    """The kids whose private key this machine holds: `<kid>.pem` in mpagent's keys
+    directory, or the profile's keystore for the kid it signs with."""
+    from mpagent.keys.generate import keys_dir
+
+    held = {kid for kid in kids if (keys_dir() / f"{kid}.pem").is_file()}
+    if profile.kid is not None and profile.keystore is not None and profile.keystore.is_file():
+        held.add(profile.kid)
+    return held
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    import time
+
+    from mpagent import ownkeys
+
+    _, profile, api = _keys_api(args)
+    ks = api.keys(profile.client_id)
+    if not ks.keys:
+        say(
+            f"client {profile.client_id} has no registered keys; create one: "
+            f"mpagent keys create --profile {profile.name} --switch"
+        )
+        return 0
+    print(f"client {profile.client_id}, profile {profile.name} (* signs with it)")
+    for line in ownkeys.table(ks, time.time(), profile.kid, _held(profile, ks.kids())):
+        print(printable(line))
+    for warning in ownkeys.warnings(ks, time.time(), profile.kid):
+        say(f"warning: {warning}")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from mpagent import adminapi, configedit, ownkeys
+    from mpagent.keys.generate import check_kid, create_key, new_key, new_kid, public_jwk
+
+    cfg, profile, api = _keys_api(args)
+    if adminapi.admin_profile(cfg, profile).name == profile.name and profile.kid is None:
+        raise ConfigError(
+            f"profile {profile.name} signs with its business certificate and is its own "
+            "admin profile: once its client has a registered key, Maskinporten refuses its "
+            "certificate grants, and with them the token the admin API needs. Keep the keys "
+            "on another client: give that client a profile with "
+            f'admin_profile = "{profile.name}" and run this for that profile'
+        )
+    kid = check_kid(args.kid) if args.kid else new_kid(profile.name, time.time())
+    ks = api.keys(profile.client_id)
+    ownkeys.with_key(ks, ownkeys.RegisteredKey(kid, {}))  # the limit, before a key is made
+    if args.dry_run:  # the request as it would be, with a key made for it and not kept
+        api.replace(
+            profile.client_id,
+            ownkeys.with_key(ks, ownkeys.RegisteredKey.new(public_jwk(new_key(), kid))),
+        )
+        say("dry run: nothing registered, no key file written")
+        return 0
+    path, jwk = create_key(Path(args.out).expanduser() if args.out else None, kid)
+    try:
+        registered = api.replace(
+            profile.client_id, ownkeys.with_key(ks, ownkeys.RegisteredKey.new(jwk))
+        )
+    except BaseException as exc:
+        path.unlink(missing_ok=True)  # nothing half-done: no private key without its public half
+        if not isinstance(exc, MpagentError) or exc.exit_code == 75:
+            say(
+                f"if the admin API took kid {kid} before failing, `mpagent keys list` shows it; "
+                f"remove it: mpagent keys delete {kid}"
+            )
+        raise
+    key = registered.get(kid)
+    expires = ownkeys.expiry_text(key, time.time()) if key else "unknown"
+    say(
+        f"registered kid {kid} on client {profile.client_id}, expires {expires}; private key {path}"
+    )
+    values = {"keystore": str(path), "keystore_type": "pem", "kid": kid}
+    for name, value in values.items():
+        print(f"{name} = {configedit.toml_string(value)}")
+    if not args.switch:
+        say(
+            f"to sign with it, put these lines in [profiles.{profile.name}] (without alias and "
+            f"certificate), or run `mpagent keys rotate` next time: it switches once the key works"
+        )
+        return 0
+    configedit.update_profile(
+        cfg.path, profile.name, {**values, "alias": None, "certificate": None}
+    )
+    say(
+        f"switched profile {profile.name} to kid {kid} in {cfg.path} (comments kept); a running "
+        "agent reloads it. Maskinporten takes a new key 0-2 minutes after it is registered, "
+        "sometimes longer: until then its grants may be refused"
+    )
+    return 0
+
+
+def cmd_keys_renew(args: argparse.Namespace) -> int:
+    import time
+
+    from mpagent import ownkeys
+
+    _, profile, api = _keys_api(args)
+    ks = api.keys(profile.client_id)
+    if not ks.keys:
+        say(f"client {profile.client_id} has no registered keys; nothing to renew")
+        return 0
+    renewed = api.replace(profile.client_id, ks.keys)
+    if args.dry_run:
+        return 0
+    for key in renewed.keys:
+        print(printable(f"{key.kid}  expires {ownkeys.expiry_text(key, time.time())}"))
+    say(f"renewed {len(renewed.keys)} key(s) of client {profile.client_id}")
+    return 0
+
+
+def cmd_keys_delete(args: argparse.Namespace) -> int:
+    from mpagent import ownkeys
+
+    cfg, profile, api = _keys_api(args)
+    kid = args.delete_kid
+    users = [
+        p.name for p in cfg.profiles.values() if p.client_id == profile.client_id and p.kid == kid
+    ]
+    if users:
+        raise ConfigError(
+            f"profile {', '.join(users)} signs with kid {kid}; deleting it would stop its "
+            "tokens. Switch to another key first (`mpagent keys rotate` does it without a "
+            "failed request), then delete it"
+        )
+    ks = api.keys(profile.client_id)
+    rest = ownkeys.without_key(ks, kid)
+    if not args.yes and not args.dry_run:
+        _confirm(
+            f"delete key {kid} from client {profile.client_id}? Grants signed with it stop working"
+        )
+    if rest:
+        api.replace(profile.client_id, rest)
+    else:
+        api.delete_all(profile.client_id)  # the only way to remove the last key
+    if not args.dry_run:
+        say(f"deleted kid {kid} from client {profile.client_id}; {len(rest)} key(s) left")
+        from mpagent.keys.generate import keys_dir
+
+        made = keys_dir() / f"{kid}.pem"
+        if made.is_file():
+            say(f"its private key {made} is of no use now; delete it when nothing refers to it")
+    return 0
+
+
+def _confirm(question: str) -> None:
+    """A yes on the terminal, else MpagentError: nothing is changed."""
+    if not sys.stdin.isatty():
+        raise MpagentError(
+            "stdin is not a terminal, so there is no one to confirm; nothing deleted. "
+            "Add --yes to delete without asking"
+        )
+    sys.stderr.write(f"mpagent: {printable(question)} [y/N] ")
+    sys.stderr.flush()
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise MpagentError("not confirmed; nothing deleted")
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from mpagent.rotation import rotate
+
+    cfg, profile = load_profile(args)
+
+    def out(line: str) -> None:
+        print(printable(line), flush=True)
+
+    rotate(cfg.path, profile.name, grace=args.grace, dry_run=args.dry_run, say=say, out=out)
     return 0

@@ -94,7 +94,7 @@ class Issuer:
         self.session = requests.Session()
         self.session.headers["User-Agent"] = "mpagent"
         for prefix in ("https://", "http://"):
-            self.session.mount(prefix, _DeadlineAdapter())
+            self.session.mount(prefix, DeadlineAdapter())
         self.skew: float | None = None  # issuer clock minus ours, from the last Date header
         self._endpoints: Endpoints | None = None
 
@@ -178,7 +178,13 @@ class Issuer:
                             f"{url} answered HTTP {response.status_code}; Maskinporten is "
                             "failing, will retry"
                         )
-                    body = _read_limited(response, url)
+                    body = read_limited(
+                        response,
+                        IssuerUnavailable(
+                            f"{url} answered with more than {MAX_ANSWER // 1024} KiB "
+                            "(Maskinporten's answers are a few KiB); check `environment`"
+                        ),
+                    )
         except requests.RequestException as exc:
             if deadline.expired:
                 raise IssuerUnavailable(
@@ -211,11 +217,9 @@ class Issuer:
             log.warning("%s (it allows %g s)", clock_hint(skew), SKEW_ALLOWED)
 
 
-def _read_limited(response: requests.Response, url: str) -> bytes:
-    too_big = IssuerUnavailable(
-        f"{url} answered with more than {MAX_ANSWER // 1024} KiB (Maskinporten's answers are "
-        "a few KiB); check `environment`"
-    )
+def read_limited(response: requests.Response, too_big: Exception) -> bytes:
+    """The body, at most MAX_ANSWER bytes; `too_big` is raised for a longer one (each caller
+    says what it expected and which setting to check)."""
     length = response.headers.get("Content-Length", "")
     if length.isdigit() and int(length) > MAX_ANSWER:
         raise too_big
@@ -343,7 +347,7 @@ def _watch(sock: socket.socket | None) -> None:
         deadline.watch(sock)
 
 
-class _DeadlineAdapter(requests.adapters.HTTPAdapter):
+class DeadlineAdapter(requests.adapters.HTTPAdapter):
     """Gives every connection pool it uses (direct, through a proxy, SOCKS) a connection
     class that reports its socket to the current Deadline."""
 
@@ -536,7 +540,10 @@ HINTS = {
     "MP-110": "the grant's aud must be the issuer; check `environment`",
     "MP-120": "check the certificate: test certificates work only in test, production ones only in prod; "
     "it must be valid; if it lacks key usage digitalSignature, try the authentication certificate",
-    "MP-121": "the registered key is older than a year; upload a new key and set kid",
+    # Keys live one year from upload; posting the same key again renews it (Digdir). The
+    # profile is filled in by whoever knows it (exchange, doctor); else it reads as a slot.
+    "MP-121": "the registered key expired (keys live one year from upload); renew it: "
+    "mpagent keys renew --profile <profile>, and set auto_renew = true to have the agent do it",
     "MP-122": "the certificate belongs to another organisation than the client",
     "MP-124": "the signature does not match: wrong alias or key",
     "MP-130": "the grant expired on arrival; check the local clock (NTP)",
@@ -550,7 +557,11 @@ HINTS = {
 # Refusals without an MP code, recognised by their description.
 HINTS_BY_TEXT = {
     "Issue time is after now": "this machine's clock is ahead of Maskinporten's; enable NTP",
-    "Unknown key identifier": "register the key's public JWK on the client, or correct `kid`",
+    "Unknown key identifier": (
+        "register the key's public JWK on the client (`mpagent keys list` shows what is "
+        "registered), or correct `kid`; a key registered in the last minutes may not have "
+        "reached Maskinporten yet: wait, then `mpagent refresh`"
+    ),
     "requires pre-registered jwk": "the client has registered keys: set `kid` to one of them",
 }
 

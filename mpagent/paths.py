@@ -29,6 +29,20 @@ def config_file() -> str:
     return os.path.join(platformdirs.user_config_dir(APP, appauthor=False), "config.toml")
 
 
+def data_dir() -> str:
+    """Where mpagent keeps what it made for the user: the private keys of `mpagent keys`."""
+    import platformdirs
+
+    return platformdirs.user_data_dir(APP, appauthor=False)
+
+
+def state_dir() -> str:
+    """Where a command that takes several steps (`mpagent keys rotate`) records how far it got."""
+    import platformdirs
+
+    return platformdirs.user_state_dir(APP, appauthor=False)
+
+
 def runtime_dir() -> str:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if sys.platform.startswith("linux"):

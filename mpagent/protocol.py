@@ -9,7 +9,8 @@ a `%`, a control character or a non-ASCII character; a key may repeat.
     reply:    ok token=eyJ... expires_at=1764420000.5 scope=idporten:dcr.read
     reply:    error kind=rejected message=Maskinporten%20refused... mp_code=MP-200 connected:json=true
 
-Verbs: `get` (fields scope..., profile, min_ttl; the reply may add `warning` fields),
+Verbs: `get` (fields scope..., profile, min_ttl, and for a customer organisation's own token
+either systemuser_org or consumer_org, nine digits; the reply may add `warning` fields),
 `env` (fields profile, scope..., min_ttl; reply: `name`/`value` pairs in order, each token's
 NAME_EXPIRES_AT after it, then `warning` fields), `status` (reply field `json`, a JSON
 document), `reload` (reply `json`: the unusable profiles), `refresh` (field profile; reply

@@ -12,18 +12,19 @@ import asyncio
 import collections
 import contextlib
 import difflib
+import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-from mpagent import tokens
+from mpagent import altinn, tokens
 from mpagent.config import Profile, choose_profile
 from mpagent.errors import ConfigError, IssuerRejected, IssuerUnavailable, MpagentError
-from mpagent.exchange import Exchange
+from mpagent.exchange import ONE_CUSTOMER, Exchange, customer_claims
 from mpagent.tokens import Token, TokenKey, fingerprint, scope_string
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,26 @@ MAX_ON_DEMAND_KEYS = 1000
 # so an issuer that answers a byte at a time (each request then lasts its whole deadline)
 # cannot take the threads every other issuer's refreshes need.
 ISSUER_SLOTS = 4
+
+
+@dataclass(frozen=True)
+class Customer:
+    """The organisation a per-request token is for (`get --systemuser-org` / `--consumer-org`)."""
+
+    systemuser_org: str | None = None
+    consumer_org: str | None = None
+
+
+def customer(systemuser_org: str | None, consumer_org: str | None) -> Customer | None:
+    """The Customer a request names (the wire's and the bridge's fields of these names),
+    each number checked and kept as its nine digits; None when it names none."""
+    if not systemuser_org and not consumer_org:
+        return None
+    if systemuser_org and consumer_org:
+        raise ConfigError(ONE_CUSTOMER)
+    if systemuser_org:
+        return Customer(systemuser_org=altinn.check_org_number(systemuser_org, "systemuser_org"))
+    return Customer(consumer_org=altinn.check_org_number(consumer_org, "consumer_org"))
 
 
 @dataclass
@@ -58,16 +79,42 @@ class Source:
             key_id = p.kid or exchange.key.kid or exchange.key.fingerprint
         self._identity = (p.name, p.environment, p.client_id, key_id)
         self._claims = p.claims_json
+        self._exchange = p.exchange or ""
 
-    def key_for(self, scopes: Iterable[str]) -> TokenKey:
-        return TokenKey(*self._identity, scope_string(scopes), self._claims)
+    def key_for(self, scopes: Iterable[str], claims: Mapping[str, Any] | None = None) -> TokenKey:
+        """The key of the token for `scopes`, with the profile's claims or `claims`."""
+        text = self._claims if claims is None else canonical(claims)
+        return TokenKey(*self._identity, scope_string(scopes), text, self._exchange)
+
+    def claims_for(self, customer: Customer | None) -> dict[str, Any] | None:
+        """The claims of a token for `customer` (None: the profile's own)."""
+        if customer is None:
+            return None
+        return customer_claims(self.profile, customer.systemuser_org, customer.consumer_org)
+
+
+def canonical(claims: Mapping[str, Any]) -> str:
+    """Claims as part of a token's identity (as Profile.claims_json)."""
+    return json.dumps(claims, sort_keys=True, separators=(",", ":"))
 
 
 class Entry:
     """One token key's state."""
 
-    def __init__(self, key: TokenKey, source: Source, *, pinned: bool, now: float) -> None:
+    def __init__(
+        self,
+        key: TokenKey,
+        source: Source,
+        *,
+        pinned: bool,
+        now: float,
+        customer: Customer | None = None,
+        claims: Mapping[str, Any] | None = None,
+    ) -> None:
         self.key, self.source, self.pinned = key, source, pinned
+        # A per-customer token's organisation and the claims its grants carry (None: the
+        # profile's own).
+        self.customer, self.claims = customer, claims
         self.token: Token | None = None
         self.error: MpagentError | None = source.error
         self.failures = 0
@@ -110,10 +157,14 @@ class Entry:
 
     def status(self, now: float) -> dict[str, Any]:
         t = self.token
+        customer = self.customer or Customer()
         return {
             "profile": self.key.profile,
             "scope": self.key.scope,
             "key": self.key.key_id,
+            "exchange": self.source.profile.exchange_name,
+            "systemuser_org": customer.systemuser_org,
+            "consumer_org": customer.consumer_org,
             "configured": self.pinned,
             "expires_at": t.expires_at if t else None,
             "valid": bool(t and t.expires_at > now),
@@ -164,7 +215,11 @@ class Refresher:
         kept: dict[TokenKey, Entry] = {}
         for key, entry in self.entries.items():
             source = sources.get(key.profile)
-            if source is not None and source.key_for([key.scope]) == key:
+            try:  # a per-customer key's claims follow the profile's (systemuser_ref, say)
+                claims = source.claims_for(entry.customer) if source else None
+            except ConfigError:
+                source = None
+            if source is not None and source.key_for([key.scope], claims) == key:
                 entry.source, entry.pinned = source, key in pinned
                 kept[key] = entry
             else:
@@ -186,18 +241,30 @@ class Refresher:
 
     # -- serving -------------------------------------------------------------------------
 
-    def cached(self, profile: str | None, scopes: list[str], min_ttl: float | None) -> Token | None:
+    def cached(
+        self,
+        profile: str | None,
+        scopes: list[str],
+        min_ttl: float | None,
+        customer: Customer | None = None,
+    ) -> Token | None:
         """The fast path: a usable cached token, without awaiting anything."""
-        entry = self._entry(profile, scopes)
+        entry = self._entry(profile, scopes, customer)
         token = entry.token
         if tokens.usable(token, self.clock(), min_ttl):
             return token
         return None
 
-    async def get(self, profile: str | None, scopes: list[str], min_ttl: float | None) -> Token:
-        """A token with at least min_ttl left: from the cache, else from the single
-        in-flight refresh, else the last error."""
-        entry = self._entry(profile, scopes)
+    async def get(
+        self,
+        profile: str | None,
+        scopes: list[str],
+        min_ttl: float | None,
+        customer: Customer | None = None,
+    ) -> Token:
+        """A token with at least min_ttl left (for `customer`, when given): from the cache,
+        else from the single in-flight refresh, else the last error."""
+        entry = self._entry(profile, scopes, customer)
         give_up_at = self.clock() + GET_WAIT
         while True:
             now = self.clock()
@@ -246,9 +313,12 @@ class Refresher:
             **exc.details,
         )
 
-    def _entry(self, profile: str | None, scopes: list[str]) -> Entry:
+    def _entry(
+        self, profile: str | None, scopes: list[str], customer: Customer | None = None
+    ) -> Entry:
         source = self.source(profile)
-        key = source.key_for(scopes)
+        claims = source.claims_for(customer)
+        key = source.key_for(scopes, claims)
         now = self.clock()
         entry = self.entries.get(key)
         if entry is None:
@@ -259,8 +329,9 @@ class Refresher:
                     f"[profiles.{key.profile}] scopes, or wait: a key nobody asks for is dropped "
                     f"after idle_timeout = {self.idle_timeout:g} s"
                 )
-            entry = self.entries[key] = Entry(key, source, pinned=False, now=now)
-            log.info("new on-demand token key %s", key)
+            entry = Entry(key, source, pinned=False, now=now, customer=customer, claims=claims)
+            self.entries[key] = entry
+            log.info("new on-demand token key %s%s", key, _for(customer))
         entry.last_used = now
         return entry
 
@@ -322,7 +393,9 @@ class Refresher:
             async with self._issuer_slots[entry.key.environment]:
                 entry.issuer_requests += 1
                 scopes = entry.key.scope.split()
-                token = await loop.run_in_executor(self.pool, exchange.fetch, scopes)
+                # The claims only for a per-customer key: the profile's are the default.
+                args = (scopes,) if entry.claims is None else (scopes, entry.claims)
+                token = await loop.run_in_executor(self.pool, exchange.fetch, *args)
             if not tokens.acceptable(token, self.clock()):
                 raise IssuerUnavailable(
                     f"the issuer answered with a token that expires in "
@@ -359,6 +432,14 @@ class Refresher:
     def status(self) -> list[dict[str, Any]]:
         now = self.clock()
         return [e.status(now) for _, e in sorted(self.entries.items())]
+
+
+def _for(customer: Customer | None) -> str:
+    if customer is None:
+        return ""
+    if customer.systemuser_org:
+        return f" for the system user of {customer.systemuser_org}"
+    return f" for consumer_org {customer.consumer_org}"
 
 
 def _with_scope_hint(exc: MpagentError, entry: Entry) -> MpagentError:

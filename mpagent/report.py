@@ -19,6 +19,15 @@ def _when(at: float | None, now: float) -> str:
     return f"in {delta:.0f} s" if delta >= 0 else f"{-delta:.0f} s ago"
 
 
+def _customer(token: dict[str, Any]) -> str:
+    """The FOR cell: the organisation a per-customer token is for."""
+    if token.get("systemuser_org"):
+        return f"systemuser {token['systemuser_org']}"
+    if token.get("consumer_org"):
+        return f"consumer {token['consumer_org']}"
+    return "-"
+
+
 def status(doc: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     lines = [
@@ -43,16 +52,26 @@ def status(doc: dict[str, Any], now: float | None = None) -> str:
     for name, error in sorted(doc.get("profiles", {}).items()):
         if error:
             lines.append(f"profile {name} unusable: {error}")
+    for name, target in sorted((doc.get("exchanges") or {}).items()):
+        lines.append(
+            f"exchange  {name}: Maskinporten tokens exchanged at {target}, Altinn tokens served"
+        )
     for name, warning in sorted(doc.get("warnings", {}).items()):
         lines.append(f"WARNING profile {name}: {warning}; renew it before Maskinporten refuses it")
     lines.append("")
+    tokens = doc.get("tokens", [])
+    # The FOR column only when a token is for a customer organisation (get --systemuser-org).
+    customers = any(_customer(t) != "-" for t in tokens)
+    column = f"{'FOR':<20} " if customers else ""
     lines.append(
-        f"{'PROFILE':<12} {'SCOPE':<32} {'EXPIRES':<12} {'REFRESH':<12} {'REFRESHES':>9} ERROR"
+        f"{'PROFILE':<12} {'SCOPE':<32} {column}{'EXPIRES':<12} {'REFRESH':<12} "
+        f"{'REFRESHES':>9} ERROR"
     )
-    for t in doc.get("tokens", []):
+    for t in tokens:
         error = t.get("last_error") or {}
+        cell = f"{_customer(t):<20} " if customers else ""
         lines.append(
-            f"{t['profile']:<12} {t['scope']:<32} {_when(t['expires_at'], now):<12} "
+            f"{t['profile']:<12} {t['scope']:<32} {cell}{_when(t['expires_at'], now):<12} "
             f"{_when(t['next_refresh'], now):<12} {t['refreshes']:>9} {error.get('message', '')}"
         )
     return "\n".join(map(printable, lines))

@@ -65,6 +65,9 @@ class TokenKey:
     key_id: str  # kid, or the signing certificate's fingerprint
     scope: str  # canonical: sorted, de-duplicated, space-separated
     claims: str  # canonical JSON of the optional claims
+    # The Altinn exchange URL, "" for none: a Maskinporten token and the Altinn token it was
+    # exchanged for never share a key (a cache keyed without the target served the wrong kind).
+    exchange: str = ""
 
     def __str__(self) -> str:
         return f"{self.profile}:{self.scope}"

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 
 from mpagent.emulator import Emulator, pki
 
-from .conftest import CLIENT_ID, PASSWORD, SCOPES, profile_for, run_cli, write_config
+from .conftest import CLIENT_ID, PASSWORD, SCOPES, issuer_key, profile_for, run_cli, write_config
 from .keystores import write_cert_pem, write_jks, write_jwk, write_pem
 
 KEY_PASSWORD = "key-pw-2"
@@ -95,7 +95,9 @@ def test_pkcs1_pem_kid(config: Path, ca: pki.Issued, tmp_path: Path) -> None:
             serialization.NoEncryption(),
         )
     )
-    with Emulator(clients={CLIENT_ID: SCOPES}, jwks={"k-2026": key.public_key()}) as emu:
+    with Emulator(
+        signing_key=issuer_key(), clients={CLIENT_ID: SCOPES}, jwks={"k-2026": key.public_key()}
+    ) as emu:
         write_config(config, {"dev": profile_for(emu, path, kid="k-2026")})
         assert get(config, SCOPES[0]).returncode == 0
         grant = run_cli("--config", str(config), "grant", SCOPES[0]).stdout.strip()
@@ -107,7 +109,9 @@ def test_jwk_with_own_kid(config: Path, tmp_path: Path) -> None:
     """A private JWK with its own kid needs neither kid nor certificate in the config."""
     key = pki.new_rsa_key()
     path = write_jwk(tmp_path / "key.jwk", key, kid="jwk-1")
-    with Emulator(clients={CLIENT_ID: SCOPES}, jwks={"jwk-1": key.public_key()}) as emu:
+    with Emulator(
+        signing_key=issuer_key(), clients={CLIENT_ID: SCOPES}, jwks={"jwk-1": key.public_key()}
+    ) as emu:
         write_config(config, {"dev": profile_for(emu, path)})
         result = get(config, SCOPES[0], "--json")
     assert result.returncode == 0, result.stderr
@@ -126,12 +130,12 @@ def test_several_scopes_one_token(config: Path, emulator: Emulator, p12: Path) -
 
 def test_optional_claims_reach_the_issuer(config: Path, emulator: Emulator, p12: Path) -> None:
     """resource and consumer_org from the config are in the grant and shape the token."""
-    profile = profile_for(emulator, p12, resource="https://api.example/", consumer_org="123456789")
+    profile = profile_for(emulator, p12, resource="https://api.example/", consumer_org="123456785")
     write_config(config, {"dev": profile})
     result = get(config, SCOPES[0], env={"MPAGENT_KEYSTORE_PASSWORD": PASSWORD})
     claims = claims_of(result.stdout)
     assert claims["aud"] == "https://api.example/"
-    assert claims["consumer"]["ID"] == "0192:123456789"
+    assert claims["consumer"]["ID"] == "0192:123456785"
 
 
 # -- keystore mistakes through the CLI ----------------------------------------------------
@@ -203,9 +207,11 @@ def test_unknown_client(config: Path, emulator: Emulator, p12: Path) -> None:
     assert_failed(result, 77, "MP-100", "test vs prod")
 
 
-def test_untrusted_certificate(config: Path, p12: Path) -> None:
+def test_untrusted_certificate(config: Path, p12: Path, other_ca: pki.Issued) -> None:
     """A certificate from a CA the issuer does not trust (test cert in prod): MP-120."""
-    with Emulator(clients={CLIENT_ID: SCOPES}, trust=[pki.make_ca("Other CA").cert]) as emu:
+    with Emulator(
+        signing_key=issuer_key(), clients={CLIENT_ID: SCOPES}, trust=[other_ca.cert]
+    ) as emu:
         write_config(config, {"dev": profile_for(emu, p12)})
         result = get(config, SCOPES[0], env={"MPAGENT_KEYSTORE_PASSWORD": PASSWORD})
     assert_failed(
@@ -216,7 +222,7 @@ def test_untrusted_certificate(config: Path, p12: Path) -> None:
 def test_wrong_kid(config: Path, tmp_path: Path) -> None:
     """A kid the client has not registered: exit 77 with the issuer's words."""
     path = write_jwk(tmp_path / "key.jwk", pki.new_rsa_key(), kid="unregistered")
-    with Emulator(clients={CLIENT_ID: SCOPES}) as emu:
+    with Emulator(signing_key=issuer_key(), clients={CLIENT_ID: SCOPES}) as emu:
         write_config(config, {"dev": profile_for(emu, path)})
         assert_failed(get(config, SCOPES[0]), 77, "Unknown key identifier (kid)")
 
@@ -224,14 +230,20 @@ def test_wrong_kid(config: Path, tmp_path: Path) -> None:
 def test_wrong_key_for_kid(config: Path, tmp_path: Path) -> None:
     """A kid registered with another public key: invalid signature, MP-124."""
     path = write_jwk(tmp_path / "key.jwk", pki.new_rsa_key(), kid="k")
-    with Emulator(clients={CLIENT_ID: SCOPES}, jwks={"k": pki.new_rsa_key().public_key()}) as emu:
+    with Emulator(
+        signing_key=issuer_key(),
+        clients={CLIENT_ID: SCOPES},
+        jwks={"k": pki.new_rsa_key().public_key()},
+    ) as emu:
         write_config(config, {"dev": profile_for(emu, path)})
         assert_failed(get(config, SCOPES[0]), 77, "MP-124", "wrong alias or key")
 
 
 def test_clock_ahead(config: Path, ca: pki.Issued, p12: Path) -> None:
     """A local clock 30 s ahead: the issuer refuses and mpagent warns about the clock."""
-    with Emulator(clients={CLIENT_ID: SCOPES}, trust=[ca.cert], clock_offset=-30) as emu:
+    with Emulator(
+        signing_key=issuer_key(), clients={CLIENT_ID: SCOPES}, trust=[ca.cert], clock_offset=-30
+    ) as emu:
         write_config(config, {"dev": profile_for(emu, p12)})
         result = get(config, SCOPES[0], env={"MPAGENT_KEYSTORE_PASSWORD": PASSWORD})
     assert_failed(result, 77, "Issue time is after now", "ahead of Maskinporten")

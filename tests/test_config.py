@@ -44,7 +44,7 @@ def test_full_profile_parses(tmp_path: Path) -> None:
                 "kid": "k1",
                 "algorithm": "RS512",
                 "resource": ["https://api.example/"],
-                "consumer_org": "123456789",
+                "consumer_org": "123456785",
                 "pid": "01010112345",
                 "env_names": {"idporten:dcr.read": "DCR"},
             }
@@ -58,7 +58,7 @@ def test_full_profile_parses(tmp_path: Path) -> None:
     assert (p.keystore_type, p.alias, p.kid, p.algorithm) == ("pkcs12", "Auth", "k1", "RS512")
     assert p.claims == {
         "resource": ["https://api.example/"],
-        "consumer_org": "123456789",
+        "consumer_org": "123456785",
         "pid": "01010112345",
     }
     assert p.env_names == {"idporten:dcr.read": "DCR"}
@@ -72,13 +72,13 @@ def test_authorization_details_pass_through(tmp_path: Path) -> None:
     path.write_text(
         '[profiles.s]\nenvironment = "test"\nclient_id = "c"\nscopes = ["a"]\nkeystore = "k"\n'
         '[[profiles.s.authorization_details]]\ntype = "urn:altinn:systemuser"\n'
-        'systemuser_org = { authority = "iso6523-actorid-upis", ID = "0192:123456789" }\n'
+        'systemuser_org = { authority = "iso6523-actorid-upis", ID = "0192:123456785" }\n'
     )
     claims = config.load(path).profile().claims
     assert claims["authorization_details"] == [
         {
             "type": "urn:altinn:systemuser",
-            "systemuser_org": {"authority": "iso6523-actorid-upis", "ID": "0192:123456789"},
+            "systemuser_org": {"authority": "iso6523-actorid-upis", "ID": "0192:123456785"},
         }
     ]
 
@@ -180,8 +180,8 @@ def test_token_endpoint_as_environment(tmp_path: Path) -> None:
         ({"environment": "http://maskinporten.example/"}, r"plain http:// to maskinporten.example"),
         ({"algorithm": "ES256"}, r"algorithm is 'ES256'; write one of RS256, RS384, RS512"),
         ({"keystore_type": "bks"}, r"keystore_type is 'bks'; write one of jks, pkcs12"),
-        ({"consumer_org": "12345"}, r"consumer_org is '12345'; write the customer's 9-digit"),
-        ({"consumer_org": "123456789", "iss_onbehalfof": "x"}, r"only one of them"),
+        ({"consumer_org": "12345"}, r"consumer_org = '12345' is not a Norwegian organisation"),
+        ({"consumer_org": "123456785", "iss_onbehalfof": "x"}, r"only one of them"),
         ({"scope": ["a"]}, r"unknown key 'scope'; did you mean 'scopes'\?"),
         ({"password": "x"}, r"unknown key 'password'"),
         ({"env_names": {"a": "1BAD"}}, r"env_names.a is '1BAD'; write a variable name"),
@@ -294,3 +294,85 @@ def test_bridge_settings(tmp_path: Path) -> None:
     assert load(tmp_path, {"p": BASE}).bridge.listen is None
     assert "not loopback" in error(tmp_path, {"p": BASE}, bridge={"listen": "0.0.0.0:8765"})
     assert 'write "127.0.0.1:PORT"' in error(tmp_path, {"p": BASE}, bridge={"listen": "8765"})
+
+
+# -- Altinn 3 (issue 14) ------------------------------------------------------------------
+
+
+def test_altinn_exchange_keys(tmp_path: Path) -> None:
+    """exchange keeps the target as written (for status) and the URL to GET, with ?test=true
+    for altinn_test_org; systemuser_org (and systemuser_ref) become Altinn's documented
+    authorization_details; consumer_org is kept as its nine digits."""
+    from mpagent import altinn
+
+    cfg = load(
+        tmp_path,
+        {
+            "tt02": {**BASE, "exchange": "altinn-tt02", "systemuser_org": "0192:123456785"},
+            "ttd": {**BASE, "exchange": "altinn-tt02", "altinn_test_org": True},
+            "url": {**BASE, "exchange": "http://127.0.0.1:9/x", "consumer_org": "0192:987654325"},
+            "ref": {**BASE, "systemuser_org": "123456785", "systemuser_ref": "kunde-1"},
+            "plain": BASE,
+        },
+        default_profile="plain",
+    )
+    tt02, ttd, url, ref = (cfg.profile(n) for n in ("tt02", "ttd", "url", "ref"))
+    assert (tt02.exchange_name, tt02.exchange) == ("altinn-tt02", altinn.TARGETS["altinn-tt02"])
+    assert ttd.exchange == altinn.TARGETS["altinn-tt02"] + "?test=true"
+    assert (url.exchange_name, url.exchange) == ("http://127.0.0.1:9/x",) * 2
+    assert tt02.claims["authorization_details"] == altinn.systemuser_details("123456785")
+    assert ref.claims["authorization_details"] == altinn.systemuser_details("123456785", "kunde-1")
+    assert url.claims["consumer_org"] == "987654325"
+    assert cfg.profile("plain").exchange is None and cfg.profile("plain").exchange_name is None
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"exchange": "altinn-test"}, r"\[profiles.p\] exchange = 'altinn-test' is neither"),
+        ({"exchange": "http://altinn.example/x"}, r"exchange = .* is plain http"),
+        ({"altinn_test_org": True}, r"altinn_test_org is set without exchange; add exchange ="),
+        ({"exchange": "altinn-tt02", "altinn_test_org": "yes"}, r"altinn_test_org is 'yes'"),
+        ({"systemuser_org": "123456780"}, r"systemuser_org = '123456780' has a wrong check digit"),
+        ({"consumer_org": "123456780"}, r"consumer_org = '123456780' has a wrong check digit"),
+        ({"consumer_org": 123456785}, r"must be a string: write it in quotes"),
+        (
+            {"systemuser_org": "123456785", "authorization_details": [{"type": "x"}]},
+            r"systemuser_org is set together with authorization_details; .* keep one",
+        ),
+        (
+            {
+                "authorization_details": [
+                    {"type": "urn:altinn:systemuser", "systemuser_org": {"ID": f"0192:{n}"}}
+                    for n in ("123456785", "987654325")
+                ]
+            },
+            r"names 2 system-user organisations; Maskinporten takes one per token",
+        ),
+    ],
+)
+def test_altinn_mistakes(tmp_path: Path, change: dict, expected: str) -> None:
+    """Each Altinn mistake names the file, the profile and the key, and says what to write."""
+    message = error(tmp_path, {"p": {**BASE, **change}})
+    assert message.startswith(f"{tmp_path / 'config.toml'}: ")
+    assert re.search(expected, message), message
+
+
+def test_admin_profile_with_exchange_is_refused(tmp_path: Path) -> None:
+    """A profile whose keys are managed with a profile that exchanges its tokens (Altinn's
+    tokens, which the admin API does not take) is unusable, saying what to set; the others
+    work."""
+    cfg = load(
+        tmp_path,
+        {
+            "altinn": {**BASE, "exchange": "altinn-tt02"},
+            "managed": {**BASE, "admin_profile": "altinn"},
+            "renews": {**BASE, "exchange": "altinn-tt02", "auto_renew": True},
+        },
+        default_profile="altinn",
+    )
+    assert cfg.profile("altinn").exchange
+    for name, setting in (("managed", "admin_profile = 'altinn'"), ("renews", "auto_renew")):
+        with pytest.raises(ConfigError, match=f"{setting}: the tokens of profile") as info:
+            cfg.profile(name)
+        assert "set admin_profile to a profile without exchange" in str(info.value)

@@ -22,7 +22,7 @@ from mpagent.exchange import Exchange
 from mpagent.issuer import HINTS, Issuer
 from mpagent.keys import SigningKey, certificate_warning, load_signing_key
 
-from .conftest import CLIENT_ID, PASSWORD, SCOPES, profile_for, run_cli, write_config
+from .conftest import CLIENT_ID, PASSWORD, SCOPES, issuer_key, profile_for, run_cli, write_config
 from .keystores import (
     StaticPasswords,
     write_cert_pem,
@@ -69,13 +69,24 @@ def config(tmp_path: Path, home: Path) -> Path:
     return tmp_path / "config.toml"
 
 
-@pytest.fixture
-def two_keys(tmp_path: Path, ca: pki.Issued, leaf: pki.Issued) -> Path:
+@pytest.fixture(scope="module")
+def two_keys_bytes(
+    ca: pki.Issued, leaf: pki.Issued, tmp_path_factory: pytest.TempPathFactory
+) -> bytes:
     """Buypass-style, from the CA the emulator trusts: 'sign' (nonRepudiation only) and 'auth'
-    (digitalSignature), merged by keytool (hence an ASCII password)."""
+    (digitalSignature), merged by keytool (hence an ASCII password); made once (a JVM)."""
     signing = pki.make_leaf(ca, usage="nonRepudiation")
+    path = tmp_path_factory.mktemp("two-keys") / "buypass.p12"
     entries = {"sign": signing, "auth": leaf}
-    return write_pkcs12(tmp_path / "buypass.p12", entries, ASCII_PW, ca_chain=[ca.cert])
+    return write_pkcs12(path, entries, ASCII_PW, ca_chain=[ca.cert]).read_bytes()
+
+
+@pytest.fixture
+def two_keys(tmp_path: Path, two_keys_bytes: bytes) -> Path:
+    """This test's own copy of the two-key PKCS#12 (store password ASCII_PW)."""
+    path = tmp_path / "buypass.p12"
+    path.write_bytes(two_keys_bytes)
+    return path
 
 
 # -- end to end: the real CLI ---------------------------------------------------------------
@@ -153,11 +164,13 @@ def test_non_repudiation_key_is_a_warning_through_the_cli(
 
 
 def test_refused_non_repudiation_key_names_the_cause_through_the_cli(
-    config: Path, ca: pki.Issued, two_keys: Path
+    config: Path, other_ca: pki.Issued, two_keys: Path
 ) -> None:
     """An issuer refusing the nonRepudiation entry: exit 77, the fix names the key usage as the
     likely cause and 'auth' as the alias to use."""
-    with Emulator(clients={CLIENT_ID: SCOPES}, trust=[pki.make_ca().cert]) as distrustful:
+    with Emulator(
+        signing_key=issuer_key(), clients={CLIENT_ID: SCOPES}, trust=[other_ca.cert]
+    ) as distrustful:
         write_config(config, {"dev": profile_for(distrustful, two_keys, alias="sign")})
         result = doctor_cli(config, password=ASCII_PW)
     assert result.returncode == 77, result.stdout
@@ -423,7 +436,9 @@ def test_metadata_reachable(emulator: Emulator) -> None:
 @pytest.mark.parametrize(("offset", "side"), [(30, "behind"), (-30, "ahead of")])
 def test_clock_skew(ca: pki.Issued, offset: float, side: str) -> None:
     """An issuer clock 30 s off either way fails the clock check with the direction."""
-    with Emulator(clients={CLIENT_ID: SCOPES}, trust=[ca.cert], clock_offset=offset) as emu:
+    with Emulator(
+        signing_key=issuer_key(), clients={CLIENT_ID: SCOPES}, trust=[ca.cert], clock_offset=offset
+    ) as emu:
         metadata, skew = doctor.check_metadata(Issuer(emu.issuer))
     assert metadata.status == OK and skew is not None and abs(skew - offset) < 2
     result = doctor.check_clock(skew)
@@ -490,7 +505,9 @@ def test_kid_mode_skips_certificate_checks(config: Path, tmp_path: Path) -> None
     """A registered key without certificate: the certificate checks are skipped, the rest pass."""
     key = pki.new_rsa_key()
     path = write_jwk(tmp_path / "key.jwk", key, kid="k1")
-    with Emulator(clients={CLIENT_ID: SCOPES}, jwks={"k1": key.public_key()}) as emu:
+    with Emulator(
+        signing_key=issuer_key(), clients={CLIENT_ID: SCOPES}, jwks={"k1": key.public_key()}
+    ) as emu:
         write_config(config, {"dev": profile_for(emu, path)})
         results = doctor.run(str(config), None)
     by_title = {r.title: r for r in results}

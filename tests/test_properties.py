@@ -35,7 +35,7 @@ from mpagent.properties import (
 )
 
 from .agentproc import AgentProcess, wait_for
-from .conftest import CLIENT_ID, PASSWORD, SCOPES, run_cli
+from .conftest import CLIENT_ID, PASSWORD, SCOPES, issuer_key, run_cli
 from .keystores import write_jks
 
 try:  # a real Secret Service on a private D-Bus, when tests/secret_service.py exists
@@ -298,12 +298,12 @@ def test_kid() -> None:
 
 def test_optional_claims() -> None:
     """resource, consumer_org and pid become the profile's claims; the pid is not shown."""
-    props = {**BASE, "resource": "https://api.example/", "consumer_org": "123456789"}
+    props = {**BASE, "resource": "https://api.example/", "consumer_org": "123456785"}
     props["pid"] = "01017012345"
     prof = profile_of(props)
     assert prof.claims == {
         "resource": "https://api.example/",
-        "consumer_org": "123456789",
+        "consumer_org": "123456785",
         "pid": "01017012345",
     }
     _, _, notes = to_profile(props, "dev", base_dir=Path("/props"))
@@ -799,8 +799,12 @@ def test_two_imported_files_both_get_tokens(
     each against its own emulator, in one config: `get --no-agent -p` works for both, each
     token from its own issuer, also when both use the same scope."""
     with (
-        Emulator(clients={CLIENT_ID: SCOPES}, trust=[ca.cert]) as test_emu,
-        Emulator(clients={CLIENT_ID: SCOPES}, trust=[ca.cert]) as prod_emu,
+        Emulator(
+            signing_key=issuer_key(), clients={CLIENT_ID: SCOPES}, trust=[ca.cert]
+        ) as test_emu,
+        Emulator(
+            signing_key=issuer_key(), clients={CLIENT_ID: SCOPES}, trust=[ca.cert]
+        ) as prod_emu,
     ):
         test_props = emulator_props(test_emu, SCOPES[0], inline(p12.read_bytes()))
         prod_props = emulator_props(prod_emu, prod_scope, p12.name, **{"keystore.type": "JKS"})

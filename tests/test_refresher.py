@@ -475,3 +475,95 @@ def test_the_fake_loop_keeps_real_time_short() -> None:
 
     with asyncio.Runner(loop_factory=lambda: ClockLoop(clock)) as runner:
         assert runner.run(main()) < 0.5
+
+
+# -- tokens per customer organisation (Altinn 3, issue 14) --------------------------------
+
+ORG_A, ORG_B = "123456785", "987654325"
+
+
+class ClaimsExchange(FakeExchange):
+    """A FakeExchange that also records the claims each fetch was asked for."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.claims: list[object] = []
+
+    def fetch(self, scopes: list[str], claims: object = None) -> tokens.Token:  # type: ignore[override]
+        self.claims.append(claims)
+        return super().fetch(scopes)
+
+
+def customer_world(world: World, ref: str | None = None) -> ClaimsExchange:
+    exchange = ClaimsExchange(world.clock)
+    profile = Profile("p", "test", "client-p", (SCOPE,), Path("k.p12"), systemuser_ref=ref)
+    world.refresher.set_sources({"p": Source(profile, cast("Exchange", exchange))}, "p")
+    return exchange
+
+
+def test_customer_tokens_have_keys_of_their_own(world: World) -> None:
+    """A token per customer organisation: each its own key, fetched with that organisation's
+    claims (the profile's own token with none), then served from the cache; status names it."""
+    from mpagent import altinn
+    from mpagent.refresher import Customer, customer
+
+    exchange = customer_world(world)
+    a, b = Customer(systemuser_org=ORG_A), customer(None, "0192:" + ORG_B)
+    assert b == Customer(consumer_org=ORG_B)
+
+    async def main() -> list[tokens.Token]:
+        got = [await world.refresher.get(None, [SCOPE], None, org) for org in (None, a, b)]
+        assert world.refresher.cached(None, [SCOPE], None, a) is got[1]
+        return got
+
+    got = world.run(main)
+    assert len({t.access_token for t in got}) == 3 and len(world.refresher.entries) == 3
+    assert exchange.claims == [
+        None,
+        {"authorization_details": altinn.systemuser_details(ORG_A)},
+        {"consumer_org": ORG_B},
+    ]
+    listed = {
+        (s["systemuser_org"], s["consumer_org"], s["configured"]) for s in world.refresher.status()
+    }
+    assert listed == {(None, None, True), (ORG_A, None, False), (None, ORG_B, False)}
+
+
+def test_customer_keys_follow_the_profile_on_reload(world: World) -> None:
+    """A reload keeps a customer's token while the profile's claims for it are unchanged, and
+    drops it when they change (another systemuser_ref); the profile's own token stays."""
+    from mpagent.refresher import Customer
+
+    customer_world(world)
+    a = Customer(systemuser_org=ORG_A)
+
+    async def main() -> None:
+        await world.refresher.get(None, [SCOPE], None)
+        await world.refresher.get(None, [SCOPE], None, a)
+
+    world.run(main)
+    entries = dict(world.refresher.entries)
+    customer_world(world)  # the same profile again
+    assert world.refresher.entries == entries
+    customer_world(world, ref="kunde-1")
+    left = list(world.refresher.entries.values())
+    assert len(left) == 1 and left[0].customer is None and left[0].token is not None
+
+
+def test_customer_mistakes_are_config_errors() -> None:
+    """Both organisations at once, or a bad check digit, fail before any key is made."""
+    from mpagent.refresher import customer
+
+    assert customer(None, None) is None
+    with pytest.raises(ConfigError, match="not both at once"):
+        customer(ORG_A, ORG_B)
+    with pytest.raises(ConfigError, match="systemuser_org = '123456780' has a wrong check digit"):
+        customer("123456780", None)
+
+
+def test_keys_differ_by_exchange_target() -> None:
+    """A Maskinporten token and the Altinn token it is exchanged for never share a key."""
+    plain = Profile("p", "test", "c", (SCOPE,), Path("k.p12"))
+    exchanged = Profile("p", "test", "c", (SCOPE,), Path("k.p12"), exchange="https://a.example/x")
+    assert Source(plain).key_for([SCOPE]) != Source(exchanged).key_for([SCOPE])
+    assert Source(exchanged).key_for([SCOPE]).exchange == "https://a.example/x"
