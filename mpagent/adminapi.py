@@ -134,7 +134,7 @@ class AdminApi:
         if not data.strip():
             return None
         try:
-            return json.loads(data)
+            return json.loads(data, parse_constant=_no_constant(url, status))
         except ValueError:
             raise AdminApiError(
                 f"{url} answered HTTP {status} with a body that is not JSON; is admin_api the "
@@ -147,7 +147,19 @@ class AdminApi:
     ) -> AdminApiError:
         error, description = _error_fields(data)
         said = f"{error}: {description}" if description else error or f"HTTP {status}"
-        if status in (401, 403):
+        if status == 403 and error == "access_denied":
+            step = (
+                f"the admin profile {self.admin} must sign with its business certificate "
+                "(Digdir's admin API takes no token of a grant signed with a registered key): "
+                "give it the keystore with the certificate and no kid"
+            )
+        elif status == 401:
+            step = (
+                f"the admin API refused the token of profile {self.admin} (expired or "
+                "invalid): try again; if it persists, check that the admin profile's "
+                "environment is the admin API's (test or prod)"
+            )
+        elif status == 403:
             step = (
                 f"the token of profile {self.admin} lacks {scope}; ask Digdir to add the scope "
                 f"to client {self.admin_client}"
@@ -168,6 +180,19 @@ class AdminApi:
             error=error,
             error_description=description,
         )
+
+
+def _no_constant(url: str, status: int) -> Callable[[str], Any]:
+    """json.loads' parse_constant: NaN and Infinity are no JSON (RFC 8259), and no expiry."""
+
+    def refuse(name: str) -> Any:
+        raise AdminApiError(
+            f"{url} answered HTTP {status} with {name} in its JSON, which JSON does not allow; "
+            "is admin_api the admin API?",
+            status=status,
+        )
+
+    return refuse
 
 
 def _error_fields(data: bytes) -> tuple[str, str]:
@@ -209,6 +234,13 @@ def admin_profile(cfg: Config, profile: Profile) -> Profile:
             "tokens are Altinn's, and Digdir's admin API takes Maskinporten tokens; add "
             f'admin_profile = "NAME" to [profiles.{profile.name}] naming a profile without exchange'
         )
+    if admin.kid is not None:
+        raise ConfigError(
+            f"{cfg.path}: [profiles.{profile.name}] has admin_profile = {admin.name!r}, which "
+            f"signs with kid {admin.kid!r}; Digdir's admin API takes only tokens signed with the "
+            "business certificate: name a profile that signs with its certificate (a keystore "
+            "with it, no kid)"
+        )
     if admin.environment != profile.environment:
         raise ConfigError(
             f"{cfg.path}: [profiles.{profile.name}] is in environment {profile.environment} but "
@@ -216,6 +248,25 @@ def admin_profile(cfg: Config, profile: Profile) -> Profile:
             "with a token from its own environment: name a profile of that environment"
         )
     return admin
+
+
+def refuse_admin_lockout(cfg: Config, profile: Profile) -> None:
+    """Refuse to give a registered key to the client of a profile whose certificate tokens
+    authorise the admin API (its own, or another profile's): with a registered key its
+    client's certificate grants are refused, and the admin API with them, for good."""
+    if profile.kid is not None or profile.keystore is None:
+        return
+    users = [p.name for p in cfg.profiles.values() if p.admin_profile == profile.name]
+    if admin_profile(cfg, profile).name != profile.name and not users:
+        return
+    role = "its own admin profile" if not users else f"admin_profile of {', '.join(users)}"
+    raise ConfigError(
+        f"profile {profile.name} signs with its business certificate and is {role}: once its "
+        "client has a registered key, Maskinporten refuses its certificate grants, and with "
+        "them the token the admin API needs (it takes only tokens signed with the business "
+        "certificate). Keep the keys on another client: give that client a profile with "
+        f'admin_profile = "{profile.name}" and run this for that profile'
+    )
 
 
 def base_url(profile: Profile) -> str:

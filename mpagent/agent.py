@@ -356,6 +356,9 @@ class Agent:
             {
                 "profile": e.key.profile,
                 "scope": e.key.scope,
+                # A per-customer key's organisation: two of one scope are told apart.
+                "systemuser_org": e.customer.systemuser_org if e.customer else None,
+                "consumer_org": e.customer.consumer_org if e.customer else None,
                 "ok": e.error is None and e.token is not None,
                 "error": e.error.to_wire() if e.error else None,
             }

@@ -9,11 +9,11 @@ MaskinportenService) sends `Accept: application/json` and JSON-decodes the body 
 which ASP.NET's content negotiation answers with a JSON-quoted token: both forms are taken.
 
 Failures say which step failed, as the token endpoint's do (issuer.py, whose deadline and
-network wording this reuses): a refusal (401, 403, other 4xx) is IssuerRejected, not retried;
-the network, timeouts, 429 and 5xx, redirects and a 200 that holds no token are
-IssuerUnavailable, retried. The Maskinporten token goes only where `exchange` says (https;
-altinn.check_target) and never along a redirect; it and the Altinn token are logged only as
-fingerprints.
+network wording this reuses): a refusal (401, 403, any 4xx but 408 and 429) is
+IssuerRejected, not retried; the network, timeouts, 408, 429 and 5xx, redirects, any other
+status and a 200 that holds no token are IssuerUnavailable, retried. The Maskinporten token
+goes only where `exchange` says (https; altinn.check_target) and never along a redirect; it
+and the Altinn token are logged only as fingerprints.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 STEP = "Maskinporten accepted the grant; Altinn's exchange"
 MAX_EXCERPT = 300
-_JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+# Three non-empty segments: an empty signature is an unsigned (alg "none") token.
+_JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 
 def new_session() -> requests.Session:
@@ -85,8 +86,15 @@ def exchange(
             status=answer.status,
             step="altinn",
         )
-    if answer.status != 200:
+    if 400 <= answer.status < 500 and answer.status not in (408, 429):
         raise refusal(answer, maskinporten_token)
+    if answer.status != 200:  # 408 (a timeout), a 2xx other than 200: not a refusal
+        raise IssuerUnavailable(
+            f"{STEP} answered HTTP {answer.status} ({url}), neither a token nor a refusal; "
+            "will retry",
+            status=answer.status,
+            step="altinn",
+        )
     token = altinn_token(answer)
     log.debug("Altinn token %s from %s", fingerprint(token), url)
     return token

@@ -331,8 +331,11 @@ class Bridge:
         return render(200, {**body, "expires_in": expires_in, "scope": token.scope})
 
     async def _token(self, profile: str, scopes: list[str], org: Customer | None) -> Token:
-        try:
+        try:  # the request's own mistakes: claims its customer cannot have, a full key cap
             cached: Token | None = self.refresher.cached(profile, scopes, None, org)
+        except MpagentError as exc:
+            raise Refusal(exc.message, 400, "invalid_request") from exc
+        try:
             return cached or await self.refresher.get(profile, scopes, None, org)
         except IssuerRejected as exc:
             error = "invalid_scope" if exc.error == "invalid_scope" else "invalid_grant"

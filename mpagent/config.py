@@ -475,6 +475,13 @@ def _claims(get: _Getter, scopes: list[str]) -> dict[str, Any]:
                 "is set together with authorization_details",
                 "systemuser_org is written out as authorization_details; keep one of them",
             )
+        if "consumer_org" in claims:
+            raise get.error(
+                "systemuser_org",
+                "is set together with consumer_org",
+                "a token is either a system user's (systemuser_org) or delegated "
+                "(consumer_org); use one profile for each",
+            )
         ref = get.text("systemuser_ref")
         details = altinn.systemuser_details(get.t["systemuser_org"], ref, f"{where} systemuser_org")
     if details is not None:

@@ -129,15 +129,25 @@ def customer_claims(
     """The claims of a token for one customer organisation, asked for per request: the
     profile's, with authorization_details for a system user of `systemuser_org` (its
     externalRef the profile's systemuser_ref), or with consumer_org set (Altinn delegation).
+    The one kind asked for replaces the other kind the profile may carry: a system user's
+    token without the profile's consumer_org, a delegated one without its system user.
     A bad organisation number is a ConfigError naming the field."""
     if systemuser_org and consumer_org:
         raise ConfigError(ONE_CUSTOMER)
     claims = dict(profile.claims)
     if systemuser_org:
+        claims.pop("consumer_org", None)
         claims["authorization_details"] = altinn.systemuser_details(
             systemuser_org, profile.systemuser_ref, "systemuser_org"
         )
     if consumer_org:
+        details = [
+            d
+            for d in claims.pop("authorization_details", None) or []
+            if not (isinstance(d, dict) and d.get("type") == altinn.SYSTEMUSER)
+        ]
+        if details:  # details of other types stay; the key goes when none is left
+            claims["authorization_details"] = details
         if "iss_onbehalfof" in claims:
             raise ConfigError(
                 f"profile {profile.name} sets iss_onbehalfof, and Maskinporten takes only one "

@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     k.add_argument(
         "--grace",
-        type=float,
+        type=seconds,
         default=300.0,
         metavar="SECONDS",
         help="how long the old key stays registered after the switch, for agents and copies "
@@ -393,6 +393,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("demo", cmd_demo, "show mpagent working against the built-in emulator")
     return parser
+
+
+def seconds(text: str) -> float:
+    """argparse type: a finite number of seconds, 0 or more."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
 
 
 KEYS_EPILOG = (
@@ -637,6 +650,10 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     status = 0
     for result in results:
         name = f"{result['profile']}:{result['scope']}"
+        if result.get("systemuser_org"):  # a per-customer token: which organisation's
+            name += f" (systemuser {result['systemuser_org']})"
+        elif result.get("consumer_org"):
+            name += f" (consumer {result['consumer_org']})"
         if result["ok"]:
             say(f"refreshed {name}")
             continue
@@ -1050,6 +1067,16 @@ def _keys_api(args: argparse.Namespace) -> tuple[Any, Profile, Any]:
     return cfg, profile, adminapi.for_profile(cfg, profile, show=show)
 
 
+def _writer(args: argparse.Namespace, profile: Profile) -> Any:
+    """The profile's key-set lock for a command that changes the set (none for a dry run):
+    refused while a rotation or another keys command holds it."""
+    import contextlib
+
+    from mpagent import rotation
+
+    return contextlib.nullcontext() if args.dry_run else rotation.exclusive(profile.name)
+
+
 def _show_request(text: str) -> None:
     """A change a dry run does not send: its request line, then its JSON body, line by line
     (a kid from the admin API may hold anything: each line is escaped)."""
@@ -1093,21 +1120,25 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
     import time
-    from pathlib import Path
 
-    from mpagent import adminapi, configedit, ownkeys
-    from mpagent.keys.generate import check_kid, create_key, new_key, new_kid, public_jwk
+    from mpagent import adminapi
+    from mpagent.keys.generate import check_kid, new_kid
 
     cfg, profile, api = _keys_api(args)
-    if adminapi.admin_profile(cfg, profile).name == profile.name and profile.kid is None:
-        raise ConfigError(
-            f"profile {profile.name} signs with its business certificate and is its own "
-            "admin profile: once its client has a registered key, Maskinporten refuses its "
-            "certificate grants, and with them the token the admin API needs. Keep the keys "
-            "on another client: give that client a profile with "
-            f'admin_profile = "{profile.name}" and run this for that profile'
-        )
+    adminapi.refuse_admin_lockout(cfg, profile)
     kid = check_kid(args.kid) if args.kid else new_kid(profile.name, time.time())
+    with _writer(args, profile):
+        return _create(args, cfg, profile, api, kid)
+
+
+def _create(args: argparse.Namespace, cfg: Any, profile: Profile, api: Any, kid: str) -> int:
+    import time
+    from pathlib import Path
+
+    from mpagent import configedit, ownkeys
+    from mpagent.errors import AdminApiError
+    from mpagent.keys.generate import create_key, new_key, public_jwk
+
     ks = api.keys(profile.client_id)
     ownkeys.with_key(ks, ownkeys.RegisteredKey(kid, {}))  # the limit, before a key is made
     if args.dry_run:  # the request as it would be, with a key made for it and not kept
@@ -1117,14 +1148,16 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         )
         say("dry run: nothing registered, no key file written")
         return 0
-    path, jwk = create_key(Path(args.out).expanduser() if args.out else None, kid)
+    # Absolute: config.toml takes a relative path from its own directory, not from here.
+    path, jwk = create_key(Path(args.out).expanduser().absolute() if args.out else None, kid)
     try:
         registered = api.replace(
             profile.client_id, ownkeys.with_key(ks, ownkeys.RegisteredKey.new(jwk))
         )
     except BaseException as exc:
         path.unlink(missing_ok=True)  # nothing half-done: no private key without its public half
-        if not isinstance(exc, MpagentError) or exc.exit_code == 75:
+        status = exc.details.get("status") if isinstance(exc, AdminApiError) else None
+        if not (isinstance(status, int) and 400 <= status < 500):  # else it may have taken it
             say(
                 f"if the admin API took kid {kid} before failing, `mpagent keys list` shows it; "
                 f"remove it: mpagent keys delete {kid}"
@@ -1161,11 +1194,12 @@ def cmd_keys_renew(args: argparse.Namespace) -> int:
     from mpagent import ownkeys
 
     _, profile, api = _keys_api(args)
-    ks = api.keys(profile.client_id)
-    if not ks.keys:
-        say(f"client {profile.client_id} has no registered keys; nothing to renew")
-        return 0
-    renewed = api.replace(profile.client_id, ks.keys)
+    with _writer(args, profile):
+        ks = api.keys(profile.client_id)
+        if not ks.keys:
+            say(f"client {profile.client_id} has no registered keys; nothing to renew")
+            return 0
+        renewed = api.replace(profile.client_id, ks.keys)
     if args.dry_run:
         return 0
     for key in renewed.keys:
@@ -1175,7 +1209,7 @@ def cmd_keys_renew(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_delete(args: argparse.Namespace) -> int:
-    from mpagent import ownkeys
+    from mpagent import ownkeys, rotation
 
     cfg, profile, api = _keys_api(args)
     kid = args.delete_kid
@@ -1188,16 +1222,24 @@ def cmd_keys_delete(args: argparse.Namespace) -> int:
             "tokens. Switch to another key first (`mpagent keys rotate` does it without a "
             "failed request), then delete it"
         )
-    ks = api.keys(profile.client_id)
-    rest = ownkeys.without_key(ks, kid)
-    if not args.yes and not args.dry_run:
-        _confirm(
-            f"delete key {kid} from client {profile.client_id}? Grants signed with it stop working"
+    state = rotation.rotating_kids(cfg, profile.client_id).get(kid)
+    if state is not None:
+        raise ConfigError(
+            f"kid {kid} is the new key of a rotation under way ({state}); finish it first "
+            "(run `mpagent keys rotate` again), or delete that file to give it up"
         )
-    if rest:
-        api.replace(profile.client_id, rest)
-    else:
-        api.delete_all(profile.client_id)  # the only way to remove the last key
+    with _writer(args, profile):
+        ks = api.keys(profile.client_id)
+        rest = ownkeys.without_key(ks, kid)
+        if not args.yes and not args.dry_run:
+            _confirm(
+                f"delete key {kid} from client {profile.client_id}? Grants signed with it stop "
+                "working"
+            )
+        if rest:
+            api.replace(profile.client_id, rest)
+        else:
+            api.delete_all(profile.client_id)  # the only way to remove the last key
     if not args.dry_run:
         say(f"deleted kid {kid} from client {profile.client_id}; {len(rest)} key(s) left")
         from mpagent.keys.generate import keys_dir

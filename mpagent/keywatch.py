@@ -13,15 +13,16 @@ the time; `KeyWatch` does the I/O and the scheduling.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mpagent.console import printable
-from mpagent.errors import MpagentError
+from mpagent.errors import ConfigError, MpagentError
 from mpagent.ownkeys import RENEW_DAYS, KeySet, RegisteredKey, expiring
 
 if TYPE_CHECKING:
@@ -141,6 +142,7 @@ class Watched:
     error: str | None = None
     due: float = 0.0
     noted_short: bool = False
+    noted_busy: bool = False  # a renewal was skipped while another writer held the lock
 
 
 def watches(profile: Profile) -> bool:
@@ -154,7 +156,7 @@ class KeyWatch:
         self.refresher, self.clock = refresher, clock
         self.cfg: Config | None = None
         self.watched: dict[str, Watched] = {}
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpagent-keys")
+        self.stopping = threading.Event()  # checked before each admin API request
         self._wake = asyncio.Event()
 
     def update(self, cfg: Config) -> None:
@@ -199,8 +201,7 @@ class KeyWatch:
                 now = self.clock()
                 for w in list(self.watched.values()):
                     if w.due <= now and self.cfg is not None:
-                        token = self._token_source(loop)
-                        await loop.run_in_executor(self.pool, self._check, self.cfg, w, token)
+                        await self._in_thread(loop, self.cfg, w, self._token_source(loop))
                 pending = [w.due for w in self.watched.values()]
                 wait = min([MAX_SLEEP, *(d - self.clock() for d in pending)])
                 if wait > 0:
@@ -209,7 +210,29 @@ class KeyWatch:
                     except TimeoutError:
                         pass
         finally:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.stopping.set()
+
+    async def _in_thread(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        cfg: Config,
+        w: Watched,
+        token: Callable[[str, str], str],
+    ) -> None:
+        """One check in a daemon thread: the interpreter does not wait for it at exit (an
+        executor's thread it would join, so a hanging admin API would hold `stop` up for
+        the request's whole deadline)."""
+        done = asyncio.Event()
+
+        def work() -> None:
+            try:
+                self._check(cfg, w, token)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop closed: the agent stopped
+                    loop.call_soon_threadsafe(done.set)
+
+        threading.Thread(target=work, name="mpagent-keys", daemon=True).start()
+        await done.wait()
 
     def _token_source(self, loop: asyncio.AbstractEventLoop) -> Callable[[str, str], str]:
         """An admin token from the agent's own refresher (its passwords, its cache), asked for
@@ -229,18 +252,26 @@ class KeyWatch:
         from mpagent import adminapi
 
         p = w.profile
+
+        def bearer(scope: str) -> str:  # asked for before each request: none once stopping
+            if self.stopping.is_set():
+                raise _Stopping
+            return token(admin.name, scope)
+
         try:
             admin = adminapi.admin_profile(cfg, p)
             api = adminapi.AdminApi(
                 adminapi.base_url(p),
-                lambda scope: token(admin.name, scope),
+                bearer,
                 connect_timeout=cfg.http.connect_timeout,
                 read_timeout=cfg.http.read_timeout,
             )
             keys = api.keys(p.client_id)
             now = self.clock()
             if decide(keys, now, auto_renew=p.auto_renew).renew:
-                keys = self._renew(api, w, keys, now)
+                keys = self._renew_alone(api, w, keys, now)
+        except _Stopping:
+            return
         except MpagentError as exc:
             w.error, w.due = exc.message, next_check(self.clock(), ok=False)
             log.error("profile %s: cannot check the registered keys: %s", p.name, exc.message)
@@ -253,6 +284,31 @@ class KeyWatch:
         w.due = next_check(w.checked_at, ok=True)
         if not p.auto_renew and (text := warning(keys, w.checked_at, p.name, auto_renew=False)):
             log.warning("profile %s: %s", p.name, text)  # with auto_renew, _renew said it
+
+    def _renew_alone(self, api: Any, w: Watched, keys: KeySet, now: float) -> KeySet:
+        """Renew holding the profile's rotate lock (rotation.exclusive), with the set read
+        again under it: a set read before could lack a key another writer just added. While
+        a rotation or a keys command holds the lock, skip (said once) until a later check."""
+        from mpagent import rotation
+
+        p = w.profile
+        try:
+            with rotation.exclusive(p.name):
+                renewed = self._renew(api, w, api.keys(p.client_id), now)
+        except ConfigError as exc:
+            if exc.details.get("check") != "busy":
+                raise
+            if not w.noted_busy:
+                log.info(
+                    "profile %s: a rotation or keys command is changing the registered keys "
+                    "(it holds %s); the agent renews them at a later check",
+                    p.name,
+                    rotation.lock_path(p.name),
+                )
+            w.noted_busy = True
+            return keys
+        w.noted_busy = False
+        return renewed
 
     def _renew(self, api: Any, w: Watched, keys: KeySet, now: float) -> KeySet:
         p = w.profile
@@ -269,6 +325,10 @@ class KeyWatch:
         if note:
             log.warning("profile %s: %s", p.name, note)
         return renewed
+
+
+class _Stopping(Exception):
+    """The agent is stopping: a check in flight sends no further request."""
 
 
 def _date(epoch: float | None) -> str:

@@ -10,6 +10,7 @@ the whole set with `{"keys": [JWK]}`, and every posted key's one-year clock rest
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ LIMIT = 5  # Digdir: at most 5 keys in a client's set
 RENEW_DAYS = 30  # warn and renew under this (nais/digdirator renews at 30 days left)
 REQUIRED = ("kty", "alg", "use", "kid", "n", "e")  # Digdir: every key needs these
 DELETE_HINT = "delete one: mpagent keys delete KID"
+MAX_EPOCH = 253402300800  # 10000-01-01T00:00:00Z: datetime's last year is 9999
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,18 @@ def _key(entry: Any, field: str, where: str) -> RegisteredKey:
         if not isinstance(value, str) or not value:
             raise _bad(where, f"{field}.{name}", "is missing or not a non-empty string")
     exp = entry.get("exp")
-    if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int | float)):
-        raise _bad(where, f"{field}.exp", "is not a number of seconds since 1970")
+    if exp is not None and not _epoch(exp):
+        raise _bad(where, f"{field}.exp", "is not a number of seconds since 1970 (before 10000)")
     jwk = {k: v for k, v in entry.items() if k != "exp"}
     return RegisteredKey(entry["kid"], jwk, None if exp is None else float(exp))
+
+
+def _epoch(value: Any) -> bool:
+    """A time mpagent can show: finite seconds from 1970 to the year 9999 (milliseconds,
+    NaN or 1e300 would crash a date; the API has no reason to send them)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) and 0 <= value < MAX_EPOCH
 
 
 def _bad(where: str, field: str, problem: str) -> AdminApiError:
@@ -135,11 +145,11 @@ def expiry_text(key: RegisteredKey, now: float) -> str:
 def table(ks: KeySet, now: float, signing: str | None, held: Collection[str]) -> list[str]:
     """`mpagent keys list`: a header and one row per key; `*` marks the kid the profile signs
     with, `here` the kids whose private key this machine holds."""
-    created = ks.last_updated or "unknown"
-    rows = [("", "kid", "created", "expires", "private key")]
+    updated = ks.last_updated or "unknown"  # every POST restarts every key: no key's own date
+    rows = [("", "kid", "set updated", "expires", "private key")]
     for k in ks.keys:
         mark = "*" if k.kid == signing else ""
-        rows.append((mark, k.kid, created, expiry_text(k, now), "here" if k.kid in held else ""))
+        rows.append((mark, k.kid, updated, expiry_text(k, now), "here" if k.kid in held else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 

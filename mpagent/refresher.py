@@ -36,6 +36,10 @@ GET_WAIT = 10.0
 # On-demand token keys (scope sets no profile configures) kept at once, at most. Each costs a
 # refresh per token lifetime: the bench measured 1,000 of them idle at 6 % of a core.
 MAX_ON_DEMAND_KEYS = 1000
+# Per-customer keys (`get --systemuser-org` / `--consumer-org`) kept at once, at most: a cap of
+# their own, so that many customer organisations (rejected ones included) cannot lock out the
+# plain on-demand keys until idle_timeout.
+MAX_CUSTOMER_KEYS = 500
 # Token requests in flight towards one issuer, at most: half of the agent's 8 fetch threads,
 # so an issuer that answers a byte at a time (each request then lasts its whole deadline)
 # cannot take the threads every other issuer's refreshes need.
@@ -322,18 +326,32 @@ class Refresher:
         now = self.clock()
         entry = self.entries.get(key)
         if entry is None:
-            if sum(not e.pinned for e in self.entries.values()) >= MAX_ON_DEMAND_KEYS:
-                raise MpagentError(
-                    f"the agent already keeps {MAX_ON_DEMAND_KEYS} on-demand token keys (scope "
-                    "sets no profile's `scopes` lists), its most; add the scopes you use to "
-                    f"[profiles.{key.profile}] scopes, or wait: a key nobody asks for is dropped "
-                    f"after idle_timeout = {self.idle_timeout:g} s"
-                )
+            self._check_cap(key, customer)
             entry = Entry(key, source, pinned=False, now=now, customer=customer, claims=claims)
             self.entries[key] = entry
             log.info("new on-demand token key %s%s", key, _for(customer))
         entry.last_used = now
         return entry
+
+    def _check_cap(self, key: TokenKey, customer: Customer | None) -> None:
+        """Room for a new on-demand key: per-customer keys have a cap of their own."""
+        kept = sum(
+            not e.pinned and (e.customer is None) == (customer is None)
+            for e in self.entries.values()
+        )
+        idle = f"idle_timeout = {self.idle_timeout:g} s"
+        wait = f"wait: a key nobody asks for is dropped after {idle}"
+        if customer is not None and kept >= MAX_CUSTOMER_KEYS:
+            raise MpagentError(
+                f"too many customer organisations at once: {MAX_CUSTOMER_KEYS}; the agent "
+                f"keeps tokens for that many (systemuser_org / consumer_org) at most; {wait}"
+            )
+        if customer is None and kept >= MAX_ON_DEMAND_KEYS:
+            raise MpagentError(
+                f"the agent already keeps {MAX_ON_DEMAND_KEYS} on-demand token keys (scope "
+                "sets no profile's `scopes` lists), its most; add the scopes you use to "
+                f"[profiles.{key.profile}] scopes, or {wait}"
+            )
 
     async def refresh_now(self, profile: str | None) -> list[Entry]:
         """`mpagent refresh [PROFILE]`: forget the backoff of every key of the profile (or of
@@ -390,7 +408,10 @@ class Refresher:
         assert exchange is not None
         loop = asyncio.get_running_loop()
         try:
-            async with self._issuer_slots[entry.key.environment]:
+            # An exchanging key's fetch lasts up to one more deadline (Altinn's step): its
+            # slots are the exchange's own, so a hanging Altinn cannot starve the plain
+            # profiles of the same environment.
+            async with self._issuer_slots[entry.key.exchange or entry.key.environment]:
                 entry.issuer_requests += 1
                 scopes = entry.key.scope.split()
                 # The claims only for a per-customer key: the profile's are the default.

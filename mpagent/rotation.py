@@ -24,11 +24,12 @@ instead of guessing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,48 @@ STATE_VERSION = 1
 def state_path(profile: str) -> Path:
     safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in profile)
     return Path(paths.state_dir()) / "rotate" / f"{safe.lstrip('.') or '_'}.json"
+
+
+def lock_path(profile: str) -> Path:
+    return state_path(profile).with_suffix(".lock")
+
+
+@contextlib.contextmanager
+def exclusive(profile: str) -> Iterator[None]:
+    """Be the one writer of the profile's key set: a rotation (for all its steps) and `keys
+    create/renew/delete` hold the profile's rotate lock, so that none posts a set made
+    before another's change. Held elsewhere: ConfigError with check "busy"."""
+    path = lock_path(profile)
+    ensure_private_dir(path.parent)
+    lock = try_lock(path)
+    if lock is None:
+        raise ConfigError(
+            f"the keys of profile {profile} are being changed by another mpagent (a `mpagent "
+            f"keys rotate`, or keys create, renew or delete; it holds {path}): wait for it to "
+            "finish, then run this again",
+            check="busy",
+        )
+    try:
+        yield
+    finally:
+        os.close(lock)
+
+
+def rotating_kids(cfg: Config, client_id: str) -> dict[str, Path]:
+    """The new kids of the rotations under way (running or interrupted) for the profiles
+    of `client_id`, each with its state file."""
+    found: dict[str, Path] = {}
+    for prof in cfg.profiles.values():
+        path = state_path(prof.name)
+        if prof.client_id != client_id or not path.exists():
+            continue
+        try:
+            state = json.loads(read_regular(path, private=True))
+        except (OSError, ValueError):
+            continue  # the rotation's own rerun says what is wrong with it
+        if isinstance(state, dict) and isinstance(state.get("new_kid"), str):
+            found[state["new_kid"]] = path
+    return found
 
 
 def key_settings(profile: Profile) -> dict[str, str | None]:
@@ -89,20 +132,11 @@ def rotate(
             say(f"a rotation to kid {state['new_kid']} is under way; a rerun would continue it")
         run(state or _new_state(cfg, prof, clock()))
         return
-    ensure_private_dir(path.parent)
-    lock = try_lock(path.with_suffix(".lock"))
-    if lock is None:
-        raise ConfigError(
-            f"another `mpagent keys rotate` for profile {prof.name} is running (it holds "
-            f"{path.with_suffix('.lock')}); wait for it to finish"
-        )
-    try:
+    with exclusive(prof.name):
         state = _read_state(path, cfg, prof)
         if state is not None:
             say(f"continuing the rotation of profile {prof.name} to kid {state['new_kid']}")
         run(state or _new_state(cfg, prof, clock()))
-    finally:
-        os.close(lock)
 
 
 def _new_state(cfg: Config, prof: Profile, now: float) -> dict[str, Any]:
@@ -122,6 +156,7 @@ def _new_state(cfg: Config, prof: Profile, now: float) -> dict[str, Any]:
             'a real token for the first one before it switches: add scopes = ["..."]'
         )
     adminapi.admin_profile(cfg, prof)
+    adminapi.refuse_admin_lockout(cfg, prof)
     adminapi.base_url(prof)
     kid = new_kid(prof.name, now)
     return {
@@ -233,12 +268,12 @@ class Rotation:
             self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
             self.state["jwk"] = public_jwk(self._key, self.kid)
             return f"would generate kid {self.kid}, its private key in {path} (0600)"
-        if path.exists():  # made by a run killed before it could record it
-            self.state["jwk"] = public_jwk(_load_private(path), self.kid)
-        else:
-            if path.parent == keys_dir():
-                ensure_private_dir(path.parent)
-            _, self.state["jwk"] = create_key(path, self.kid)
+        # A file here is of a run killed before it recorded the key (maybe mid-write, so
+        # truncated): nothing was registered yet, and the path is this rotation's own.
+        path.unlink(missing_ok=True)
+        if path.parent == keys_dir():
+            ensure_private_dir(path.parent)
+        _, self.state["jwk"] = create_key(path, self.kid)
         return f"generated kid {self.kid}, its private key in {path} (0600)"
 
     def register(self) -> str:
@@ -270,6 +305,7 @@ class Rotation:
             )
         from mpagent.exchange import open_exchange
 
+        self._still_registered()
         candidate = dataclasses.replace(
             self.prof,
             keystore=Path(self.state["new_keystore"]),
@@ -316,6 +352,8 @@ class Rotation:
         where = self.cfg.path
         if self.dry:
             return f"would rewrite {where} [profiles.{self.name}]: {configedit.lines_for(values)}"
+        if self._still_registered():  # verified no more: the set was changed meanwhile
+            self.say(self.verify())
         current = key_settings(self._current())
         if current != self._expected_new():  # not yet written (a rerun may find it written)
             configedit.update_profile(where, self.name, values)
@@ -362,6 +400,23 @@ class Rotation:
 
     # -- helpers ------------------------------------------------------------------------
 
+    def _still_registered(self) -> bool:
+        """Put the new kid back when another writer posted the set without it (while the
+        rotation was interrupted, or a writer mpagent cannot lock out, such as Digdir's web
+        portal); True if it had to."""
+        from mpagent.ownkeys import RegisteredKey, with_key
+
+        api, client = self._api(), self.prof.client_id
+        keys = self._keys(api)
+        if keys.get(self.kid) is not None:
+            return False
+        api.replace(client, with_key(keys, RegisteredKey.new(self.state["jwk"])))
+        self.say(
+            f"kid {self.kid} was no longer in client {client}'s set (another change posted "
+            "the set without it); registered it again"
+        )
+        return True
+
     def _save(self) -> None:
         write_atomic(self.path, json.dumps(self.state, indent=2) + "\n")
 
@@ -386,23 +441,16 @@ class Rotation:
         return config.load(self.cfg.path).profile(self.name)
 
     def _new_settings(self) -> dict[str, str | None]:
-        values: dict[str, str | None] = {
+        return {
             "keystore": self.state["new_keystore"],
             "keystore_type": "pem",
             "kid": self.kid,
             "alias": None,
             "certificate": None,
         }
-        if self.old_kid is None and self.prof.admin_profile is None:
-            # It was its own admin by the certificate rule; with a kid it must say so.
-            values["admin_profile"] = self.name
-        return values
 
     def _expected_new(self) -> dict[str, str | None]:
-        new = {f: None for f in KEY_FIELDS} | {
-            k: v for k, v in self._new_settings().items() if k in KEY_FIELDS
-        }
-        return new
+        return {f: None for f in KEY_FIELDS} | self._new_settings()
 
     def _check_config(self) -> None:
         """The profile's key settings must be those the state expects at this step: the old
@@ -465,15 +513,3 @@ class Rotation:
                 "if nothing else uses it"
             )
         return head
-
-
-def _load_private(path: Path) -> Any:
-    from cryptography.hazmat.primitives import serialization
-
-    try:
-        return serialization.load_pem_private_key(read_regular(path, private=True), None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(
-            f"{path}: the new key of an interrupted rotation cannot be read ({exc}); delete it "
-            "and the rotation's state file, then run `mpagent keys rotate` again"
-        ) from None

@@ -384,6 +384,9 @@ class _Altinn(http.server.BaseHTTPRequestHandler):
             "/404": (404, b"", "text/plain"),
             "/500": (500, b"oops", "text/plain"),
             "/429": (429, b"slow down", "text/plain"),
+            "/408": (408, b"request timeout", "text/plain"),
+            "/204": (204, b"", "text/plain"),
+            "/unsigned": (200, _unsigned({"exp": 1})[: -len("sig")].encode(), "text/plain"),
             "/garbage": (200, b"<html>captive portal</html>", "text/html"),
             "/big": (200, b"a." * (40 * 1024), "text/plain"),
         }
@@ -483,11 +486,12 @@ def test_exchange_404_points_at_the_url(server: tuple[str, list[dict[str, str]]]
         call(base + "/404")
 
 
-@pytest.mark.parametrize("path", ["/500", "/429"])
+@pytest.mark.parametrize("path", ["/500", "/429", "/408", "/204"])
 def test_exchange_failing_is_unavailable(
     server: tuple[str, list[dict[str, str]]], path: str
 ) -> None:
-    """5xx and 429 are IssuerUnavailable (exit 75), naming the step and the status."""
+    """5xx, 429, 408 and a 2xx other than 200 are IssuerUnavailable (exit 75, retried), not a
+    refusal, naming the step and the status."""
     base, _ = server
     with pytest.raises(IssuerUnavailable) as caught:
         call(base + path)
@@ -505,6 +509,13 @@ def test_garbage_200_is_unavailable_without_showing_body(
         call(base + "/garbage")
     assert "not a JWT" in str(caught.value) and "text/html" in str(caught.value)
     assert "captive portal" not in str(caught.value)
+
+
+def test_unsigned_token_is_not_taken(server: tuple[str, list[dict[str, str]]]) -> None:
+    """A 200 whose token has an empty signature segment (alg "none") is not an Altinn token."""
+    base, _ = server
+    with pytest.raises(IssuerUnavailable, match="not a JWT"):
+        call(base + "/unsigned")
 
 
 def test_huge_answer_refused(server: tuple[str, list[dict[str, str]]]) -> None:

@@ -9,10 +9,13 @@ Pure parts (the fast parser, customer claims, the status text) get unit tests at
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
+import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,9 @@ import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from mpagent import altinn, fastcli, report
+from mpagent import altinn, bridge, client, fastcli, paths, protocol, refresher, report
+from mpagent import config as mpconfig
+from mpagent.agent import load_sources
 from mpagent.config import Profile
 from mpagent.emulator import Emulator, pki
 from mpagent.emulator.server import ALTINN_JWKS
@@ -208,6 +213,36 @@ def test_failing_exchange_names_the_step_and_keeps_the_cached_token(
     assert entry["last_error"]["step"] == "altinn"
 
 
+def test_get_through_the_agent_without_a_cached_token_classifies(
+    agent: AgentProcess, emulator: Emulator
+) -> None:
+    """Through the agent, a `get` with no cached token (a scope nobody asked for yet) while
+    Altinn refuses (401) exits 77 at once, naming the step; an Altinn failing (503) is
+    retried, then exits 75 naming it too."""
+    get(SCOPE)  # the agent's configured token is exchanged: the fault is for the next one
+    emulator.inject_exchange("401")
+    refused = run_cli("get", "--profile", "tt02", SCOPES[1])
+    assert refused.returncode == 77 and refused.stdout == "", refused.stderr
+    assert f"{STEP} 401: the token was refused (injected fault)" in refused.stderr
+
+
+@pytest.mark.slow
+def test_get_through_the_agent_waits_out_then_reports_a_failing_exchange(
+    agent: AgentProcess, emulator: Emulator
+) -> None:
+    """Altinn answering 503 to every exchange: a `get` with no cached token waits out the
+    short backoffs (GET_WAIT), then exits 75 naming the step; Maskinporten was asked."""
+    get(SCOPE)  # the agent's configured token is exchanged: the faults are for the next ones
+    before = emulator.token_requests
+    emulator.inject_exchange("503", 20)
+    failing = run_cli("get", "--profile", "tt02", SCOPES[2])
+    assert failing.returncode == 75 and failing.stdout == "", failing.stderr
+    assert "Maskinporten accepted the grant; Altinn's exchange answered HTTP 503" in (
+        failing.stderr
+    )
+    assert emulator.token_requests > before
+
+
 def test_no_agent_get_exchanges_and_classifies(config: Path, emulator: Emulator) -> None:
     """`get --no-agent` exchanges in the process too, for a customer as well; a failing
     exchange exits 75 (503) or 77 (401) naming the step."""
@@ -288,6 +323,50 @@ def test_bad_check_digit_refused_before_any_request(
     assert emulator.token_requests == 0
 
 
+def test_wire_protocol_checks_the_organisation_number(
+    agent: AgentProcess, emulator: Emulator
+) -> None:
+    """A raw `get` on the socket naming a systemuser_org with a bad check digit is refused
+    with kind=config naming the field, before any token request; the agent keeps serving."""
+    get(SCOPE)  # the agent's own tokens are fetched; count from here
+    before = emulator.token_requests
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(paths.socket_path()))
+        s.sendall(f"mpagent/1 get scope={SCOPE} systemuser_org={BAD_DIGIT}\n".encode())
+        words, fields = protocol.decode(s.recv(65536))
+    assert words == ["error"] and protocol.first(fields, "kind") == "config", fields
+    message = protocol.first(fields, "message") or ""
+    assert message.startswith(f"systemuser_org = '{BAD_DIGIT}' has a wrong check digit")
+    assert emulator.token_requests == before
+    assert get(SCOPE)
+
+
+def test_refresh_tells_customer_keys_apart(agent: AgentProcess) -> None:
+    """`refresh`'s reply carries each key's systemuser_org / consumer_org, so two customer
+    keys of one scope are told apart, and its lines name the organisation."""
+    get(SCOPE, "--systemuser-org", ORG_A)
+    get(SCOPE, "--systemuser-org", ORG_B)
+    get("--profile", "plain", SCOPE, "--consumer-org", ORG_B)
+    rows = json.loads(dict(client.call(str(paths.socket_path()), "refresh"))["json"])
+    orgs = {(r["profile"], r["systemuser_org"], r["consumer_org"]) for r in rows if r["ok"]}
+    assert orgs == {
+        ("tt02", None, None),
+        ("tt02", ORG_A, None),
+        ("tt02", ORG_B, None),
+        ("plain", None, None),
+        ("plain", None, ORG_B),
+    }
+    said = run_cli("refresh").stderr
+    for line in (
+        f"refreshed tt02:{SCOPE} (systemuser {ORG_A})",
+        f"refreshed tt02:{SCOPE} (systemuser {ORG_B})",
+        f"refreshed plain:{SCOPE} (consumer {ORG_B})",
+        f"refreshed tt02:{SCOPE}\n",
+    ):
+        assert line in said, said
+
+
 def test_customer_get_stays_on_the_fast_path(agent: AgentProcess) -> None:
     """A cached `get --systemuser-org` is answered on the fast path: no fullcli, no argparse;
     mpagent.altinn is the one module it adds (to check the number)."""
@@ -343,6 +422,60 @@ def test_bridge_serves_altinn_tokens_per_customer(
     assert bad.status_code == 400 and bad.json()["error"] == "invalid_request"
     assert "consumer_org = '123456780' has a wrong check digit" in bad.json()["error_description"]
     assert emulator.token_requests == before
+
+
+def test_bridge_answers_customer_mistakes_400(
+    bridge_env: None,  # noqa: F811
+    tmp_path: Path,
+    emulator: Emulator,
+    p12: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bridge (in process, with a real refresher) answers consumer_org on a profile with
+    iss_onbehalfof, and a customer beyond the customer-key cap, with 400 invalid_request and
+    the reason, not 500; neither reaches Maskinporten."""
+    monkeypatch.setattr(refresher, "MAX_CUSTOMER_KEYS", 1)
+    port = free_port()
+    path = write_config(
+        tmp_path / "config.toml",
+        {**profiles(emulator, p12), "onbehalf": profile_for(emulator, p12, iss_onbehalfof="x")},
+        default_profile="tt02",
+        bridge={"listen": f"127.0.0.1:{port}"},
+    )
+    cfg = mpconfig.load(path)
+    secret = make_secret(path)
+    form = {"grant_type": "client_credentials", "client_secret": secret, "scope": SCOPE}
+    url = f"http://127.0.0.1:{port}/token"
+    answers: list[requests.Response] = []
+
+    def clients() -> None:
+        for extra in (
+            {"client_id": "onbehalf", "consumer_org": ORG_A},
+            {"client_id": "tt02", "systemuser_org": ORG_A},
+            {"client_id": "tt02", "systemuser_org": ORG_B},
+        ):
+            answers.append(requests.post(url, data={**form, **extra}, timeout=10))
+
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool, ThreadPoolExecutor(1) as io:
+            kept = refresher.Refresher(pool)
+            loaded = load_sources(cfg)
+            kept.set_sources(loaded.sources, cfg.default_profile, loaded.unusable)
+            server = await bridge.start(cfg.bridge, kept, io)
+            try:
+                await asyncio.to_thread(clients)
+            finally:
+                server.close()
+
+    asyncio.run(main())
+    onbehalf, first, beyond = answers
+    assert onbehalf.status_code == 400 and onbehalf.json()["error"] == "invalid_request"
+    said = onbehalf.json()["error_description"]
+    assert "takes only one of iss_onbehalfof and consumer_org" in said
+    assert first.status_code == 200, first.text
+    assert beyond.status_code == 400 and beyond.json()["error"] == "invalid_request"
+    assert "too many customer organisations at once: 1" in beyond.json()["error_description"]
+    assert emulator.token_requests == 1  # the first customer's only
 
 
 @pytest.mark.slow
@@ -425,6 +558,24 @@ def test_customer_claims() -> None:
     }
     assert customer_claims(profile, consumer_org=altinn.ORG_PREFIX + ORG_B)["consumer_org"] == ORG_B
     assert profile.claims["authorization_details"] == [{"type": "x"}]
+
+
+def test_customer_claims_drop_the_other_kind() -> None:
+    """Asking for one kind of customer token drops the other kind the profile carries: a
+    system user's claims lose the profile's consumer_org; a delegated token's lose the
+    profile's system user (details of other types stay)."""
+    system_user = altinn.systemuser_details(ORG_A)
+    both = customer_profile(authorization_details=[*system_user, {"type": "x"}])
+    assert customer_claims(both, consumer_org=ORG_B) == {
+        "consumer_org": ORG_B,
+        "authorization_details": [{"type": "x"}],
+    }
+    only = customer_profile(authorization_details=system_user)
+    assert customer_claims(only, consumer_org=ORG_B) == {"consumer_org": ORG_B}
+    delegated = customer_profile(consumer_org=ORG_B)
+    assert customer_claims(delegated, systemuser_org=ORG_A) == {
+        "authorization_details": altinn.systemuser_details(ORG_A, "r1")
+    }
 
 
 def test_customer_claims_refusals() -> None:

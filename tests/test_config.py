@@ -182,6 +182,10 @@ def test_token_endpoint_as_environment(tmp_path: Path) -> None:
         ({"keystore_type": "bks"}, r"keystore_type is 'bks'; write one of jks, pkcs12"),
         ({"consumer_org": "12345"}, r"consumer_org = '12345' is not a Norwegian organisation"),
         ({"consumer_org": "123456785", "iss_onbehalfof": "x"}, r"only one of them"),
+        (
+            {"consumer_org": "123456785", "systemuser_org": "987654325"},
+            r"systemuser_org is set together with consumer_org; a token is either",
+        ),
         ({"scope": ["a"]}, r"unknown key 'scope'; did you mean 'scopes'\?"),
         ({"password": "x"}, r"unknown key 'password'"),
         ({"env_names": {"a": "1BAD"}}, r"env_names.a is '1BAD'; write a variable name"),

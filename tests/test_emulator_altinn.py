@@ -279,11 +279,26 @@ def test_systemuser_grant_without_system_user_is_mp303(emu: Emulator, pki: Pki) 
     )
 
 
-def test_every_systemuser_detail_is_checked(emu: Emulator, pki: Pki) -> None:
-    """A second system-user detail for an organisation without a system user is MP-303 too."""
-    details = altinn.systemuser_details(CUSTOMER) + altinn.systemuser_details(UNKNOWN_CUSTOMER)
+def test_two_systemuser_details_in_one_grant_are_mp303(emu: Emulator, pki: Pki) -> None:
+    """Two urn:altinn:systemuser objects in one grant are refused (MP-303), even when both
+    organisations have a system user for the client: one object per grant."""
+    details = altinn.systemuser_details(CUSTOMER) + altinn.systemuser_details(OTHER_CUSTOMER)
     resp = post(emu, grant(emu, pki, authorization_details=details))
-    assert_rejected(resp, "invalid_altinn_customer_configuration", "MP-303", UNKNOWN_CUSTOMER)
+    assert_rejected(resp, "invalid_altinn_customer_configuration", "MP-303", "Only one")
+
+
+NON_ASCII = "١٢٣٤٥٦٧٨٥"  # 123456785 in Arabic-Indic digits: a regex \d takes them
+
+
+def test_organisation_numbers_in_non_ascii_digits_are_refused(fresh: Emulator, pki: Pki) -> None:
+    """consumer_org and systemuser_org.ID take the ASCII digits 0-9 only (as the client's
+    check_org_number), even where every organisation has a system user."""
+    resp = post(fresh, grant(fresh, pki, consumer_org=NON_ASCII))
+    assert_rejected(resp, "invalid_grant", "MP-011", "9-digit")
+    org = {"authority": altinn.AUTHORITY, "ID": altinn.ORG_PREFIX + NON_ASCII}
+    detail = {"type": altinn.SYSTEMUSER, "systemuser_org": org}
+    resp = post(fresh, grant(fresh, pki, authorization_details=[detail]))
+    assert_rejected(resp, "invalid_altinn_customer_configuration", "MP-303", "systemuser_org")
 
 
 def test_without_systemusers_details_pass_as_sent(fresh: Emulator, pki: Pki) -> None:

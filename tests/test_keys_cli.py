@@ -5,20 +5,27 @@ none."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from mpagent import adminapi, rotation
+from mpagent import config as config_module
 from mpagent.emulator import Emulator, pki
-from mpagent.keys.generate import public_jwk
+from mpagent.errors import AdminApiError
+from mpagent.exchange import open_exchange
+from mpagent.keys.generate import create_key, public_jwk
 
 from .conftest import PASSWORD, issuer_key, run_cli, write_config
 
@@ -340,3 +347,152 @@ def test_create_refuses_a_kid_that_is_no_file_name(config: Path, emu: Emulator) 
     code, _, err = keys("create", "--kid", "../evil", config=config)
     assert code == 78 and "kid '../evil' cannot be used" in err
     assert emu.client_keys(APP_ID)["keys"] == []
+
+
+# -- an admin API that answers what the emulator never would --------------------------------
+
+
+class OddAdminApi:
+    """A loopback HTTP server standing in for the admin API: every GET answers `get`, every
+    POST `post` (status 200), so that mpagent meets bodies Digdir should never send."""
+
+    def __init__(self, get: bytes, post: bytes = b"") -> None:
+        answers = {"GET": get, "POST": post}
+        self.requests: list[str] = []
+        requests = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self) -> None:
+                requests.append(self.command)
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = answers.get(self.command, b"")
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/clients/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> OddAdminApi:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def app_with_admin_api(home: Path, emu: Emulator, p12: Path, admin_api: str) -> Path:
+    """The admin profile of the emulator (for the token), the app's keys at `admin_api`."""
+    admin = {"environment": emu.issuer, "client_id": ADMIN_ID, "keystore": p12}
+    app = {"environment": emu.issuer, "client_id": APP_ID, "scopes": [APP_SCOPE],
+           "admin_profile": "admin", "admin_api": admin_api}  # fmt: skip
+    return write_config(home / "odd.toml", {"admin": admin, "app": app}, default_profile="app")
+
+
+def odd_key(exp: str) -> bytes:
+    """A key set of one key whose exp is `exp`, written into the JSON as it stands."""
+    jwk = {"kty": "RSA", "alg": "RS256", "use": "sig", "kid": "odd", "n": "AQAB" * 64, "e": "AQAB"}
+    return json.dumps({"keys": [{**jwk, "exp": "EXP"}]}).replace('"EXP"', exp).encode()
+
+
+@pytest.mark.parametrize(
+    ("exp", "said"),
+    [
+        ("NaN", "NaN in its JSON"),
+        ("Infinity", "Infinity in its JSON"),
+        ("1800000000000", "keys[0].exp is not a number of seconds"),
+        ("1e300", "keys[0].exp is not a number of seconds"),
+    ],
+)
+def test_a_malformed_exp_is_a_clear_error_in_list_and_doctor(
+    config: Path, emu: Emulator, p12: Path, home: Path, exp: str, said: str
+) -> None:
+    """An exp of NaN, Infinity, milliseconds or 1e300 from the admin API: `keys list` and
+    doctor say what is wrong with the answer (the field), and neither crashes."""
+    with OddAdminApi(odd_key(exp)) as odd:
+        path = app_with_admin_api(home, emu, p12, odd.url)
+        code, _, err = keys("list", config=path)
+        doctor = run_cli("--config", str(path), "doctor", "--profile", "app")
+    assert code == 77 and said in err and "Traceback" not in err, err
+    assert "Traceback" not in doctor.stderr, doctor.stderr
+    row = next(line for line in doctor.stdout.splitlines() if "registered keys" in line)
+    assert row.startswith("✗") and said in row
+
+
+def test_create_answered_with_an_unusable_body_says_to_check_the_kid(
+    config: Path, emu: Emulator, p12: Path, home: Path
+) -> None:
+    """A POST answered 200 with a body that is no key set may have registered the key:
+    create removes the private key and says to check `keys list` and delete the kid."""
+    with OddAdminApi(b'{"keys": []}', b"<html>welcome</html>") as odd:
+        path = app_with_admin_api(home, emu, p12, odd.url)
+        code, _, err = keys("create", "--kid", "maybe-1", config=path)
+        assert odd.requests == ["GET", "POST"]
+    assert code == 77 and "not JSON" in err, err
+    assert "mpagent keys delete maybe-1" in err
+    keys_dir = Path(os.environ["XDG_DATA_HOME"]) / "mpagent" / "keys"
+    assert not (keys_dir / "maybe-1.pem").exists()
+
+
+def test_a_4xx_refusal_of_create_gives_no_delete_hint(
+    config: Path, emu: Emulator, public_key: rsa.RSAPublicKey
+) -> None:
+    """A kid the admin API refused (HTTP 400) was not registered: no hint to delete it."""
+    emu.register_keys(OTHER_ID, [public_jwk(public_key, "taken-2")])
+    code, _, err = keys("create", "--kid", "taken-2", config=config)
+    assert code == 77 and "HTTP 400" in err
+    assert "keys delete" not in err
+
+
+@pytest.mark.parametrize("grace", ["-1", "nan", "inf", "soon"])
+def test_rotate_grace_must_be_finite_seconds(config: Path, grace: str) -> None:
+    """--grace takes a finite number of seconds, 0 or more; anything else is a usage error."""
+    code, _, err = keys("rotate", "--grace", grace, config=config)
+    assert code == 2 and "is not a number of seconds (0 or more)" in err, err
+
+
+@pytest.mark.parametrize("action", [("create",), ("renew",), ("delete", "spare", "--yes")])
+def test_keys_commands_wait_for_a_rotation(
+    config: Path, emu: Emulator, public_key: rsa.RSAPublicKey, action: tuple[str, ...]
+) -> None:
+    """While a rotation of the profile holds its lock, create, renew and delete refuse and
+    change nothing: one writer of the set at a time."""
+    other_keys(emu, public_key, ["spare"])
+    before = emu.client_keys(APP_ID)
+    with rotation.exclusive("app"):
+        code, _, err = keys(*action, config=config)
+    assert code == 78 and "keys of profile app are being changed by another mpagent" in err, err
+    assert emu.client_keys(APP_ID) == before
+
+
+def test_admin_api_refusals_say_what_each_means(config: Path, emu: Emulator, home: Path) -> None:
+    """The admin API's 401 (a token it cannot use), 403 access_denied (an admin that signs
+    with a kid) and 403 insufficient_scope each name their own next step."""
+    cfg = config_module.load(config)
+    read_token = open_exchange(cfg, cfg.profile("admin")).fetch(["idporten:dcr.read"])
+
+    def api(token: str) -> adminapi.AdminApi:
+        return adminapi.AdminApi(emu.admin_api, lambda scope: token, connect_timeout=5,
+                                 read_timeout=5, admin="admin", admin_client=ADMIN_ID)  # fmt: skip
+
+    with pytest.raises(AdminApiError, match=r"HTTP 401.*refused the token of profile admin"):
+        api("not-a-token").keys(APP_ID)
+    with pytest.raises(AdminApiError, match=r"HTTP 403.*lacks idporten:dcr.write; ask Digdir"):
+        api(read_token.access_token).replace(APP_ID, ())
+    # A client of admin scopes that signs with a registered key (the emulator allows the
+    # token; only the admin API refuses it).
+    pem, jwk = create_key(home / "admin-kid.pem", "admin-kid")
+    emu.register_keys(ADMIN_ID, [jwk])
+    kid_admin = dataclasses.replace(cfg.profile("admin"), keystore=pem, keystore_type="pem",
+                                    kid="admin-kid", alias=None, certificate=None)  # fmt: skip
+    kid_token = open_exchange(cfg, kid_admin).fetch(["idporten:dcr.read"]).access_token
+    with pytest.raises(AdminApiError, match=r"HTTP 403.*must sign with its business certificate"):
+        api(kid_token).keys(APP_ID)

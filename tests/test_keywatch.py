@@ -173,3 +173,21 @@ def test_status_reports_keys_and_the_warning() -> None:
         "error": None,
     }
     assert doc["key_warnings"]["app"].startswith("registered key a expires in 5 days")
+
+
+def test_a_stopping_watch_sends_no_request() -> None:
+    """Once the agent is stopping, a check asks for no admin token and sends nothing: it
+    ends quietly, recording neither keys nor an error."""
+    asked: list[str] = []
+    cfg = profiles(app={"admin_profile": "cert", "admin_api": "http://127.0.0.1:9/clients/"})
+    watch = keywatch.KeyWatch(refresher=None, clock=lambda: NOW)  # type: ignore[arg-type]
+    watch.update(cfg)
+    watch.stopping.set()
+    w = watch.watched["app"]
+
+    def token(admin: str, scope: str) -> str:
+        asked.append(scope)
+        return "token"
+
+    watch._check(cfg, w, token)
+    assert asked == [] and w.keys is None and w.error is None

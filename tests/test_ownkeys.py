@@ -68,6 +68,12 @@ def test_parse_empty_set() -> None:
         ({"keys": [{k: v for k, v in jwk("a").items() if k != "use"}]}, "keys[0].use"),
         ({"keys": [jwk("a", exp="soon")]}, "keys[0].exp"),
         ({"keys": [jwk("a", exp=True)]}, "keys[0].exp"),
+        ({"keys": [jwk("a", exp=float("nan"))]}, "keys[0].exp"),
+        ({"keys": [jwk("a", exp=float("inf"))]}, "keys[0].exp"),
+        ({"keys": [jwk("a", exp=NOW * 1000)]}, "keys[0].exp"),  # milliseconds
+        ({"keys": [jwk("a", exp=1e300)]}, "keys[0].exp"),
+        ({"keys": [jwk("a", exp=-1)]}, "keys[0].exp"),
+        ({"keys": [jwk("a"), jwk("b", exp=253402300800)]}, "keys[1].exp"),
         ({"keys": [], "last_updated": 5}, "last_updated"),
     ],
 )
@@ -121,6 +127,12 @@ def test_expiring_under_30_days() -> None:
     assert [k.kid for k in ownkeys.expiring(ks, NOW, days=400)] == ["soon", "later", "gone"]
 
 
+def test_the_last_second_of_9999_is_an_exp() -> None:
+    """exp up to the end of year 9999 is taken, and shows as a date."""
+    (key,) = ownkeys.parse_keyset({"keys": [jwk("a", exp=253402300799.0)]}, URL).keys
+    assert ownkeys.expiry_text(key, NOW).startswith("9999-12-31 (")
+
+
 def test_expiry_text() -> None:
     """An expiry reads as date and whole days left, `expired`, or `unknown`."""
     assert ownkeys.expiry_text(ownkeys.RegisteredKey("a", {}, NOW + 10.5 * DAY), NOW) == (
@@ -141,7 +153,7 @@ def test_table_and_warnings() -> None:
         "2027-01-15T10:00:00+00:00",
     )
     lines = ownkeys.table(ks, NOW, "new", {"new"})
-    assert lines[0].split() == ["kid", "created", "expires", "private", "key"]
+    assert lines[0].split() == ["kid", "set", "updated", "expires", "private", "key"]
     assert lines[2].startswith("*") and "here" in lines[2] and "(300 days)" in lines[2]
     assert not lines[1].startswith("*") and "here" not in lines[1]
     assert ownkeys.warnings(ks, NOW, "new") == [
@@ -284,7 +296,7 @@ def parse_profiles(**profiles: dict[str, object]) -> Config:
     return config.parse({"profiles": profiles}, Path("/c/config.toml"))
 
 
-ADMIN = {"environment": "test", "client_id": "adm", "keystore": "/k/v.p12"}
+ADMIN: dict[str, object] = {"environment": "test", "client_id": "adm", "keystore": "/k/v.p12"}
 
 
 def test_config_keystore_optional_with_admin_profile() -> None:
@@ -315,6 +327,37 @@ def test_a_profile_with_exchange_is_never_its_own_admin() -> None:
         adminapi.admin_profile(cfg, cfg.profile("altinn"))
     plain = parse_profiles(admin=ADMIN)
     assert adminapi.admin_profile(plain, plain.profile("admin")).name == "admin"
+
+
+def test_an_admin_profile_that_signs_with_a_kid_is_refused() -> None:
+    """admin_profile naming a profile that signs with a kid: the admin API takes only
+    certificate-signed tokens, so it is a ConfigError saying so."""
+    from mpagent import adminapi
+
+    cfg = parse_profiles(
+        admin={**ADMIN, "kid": "k1", "keystore_type": "pem", "keystore": "/k/a.pem"},
+        app={"environment": "test", "client_id": "app", "admin_profile": "admin"},
+    )
+    with pytest.raises(ConfigError, match="takes only tokens signed with the business certificate"):
+        adminapi.admin_profile(cfg, cfg.profile("app"))
+
+
+def test_a_certificate_admin_may_not_get_a_registered_key() -> None:
+    """A certificate profile that is its own admin, or another's admin_profile, would lose
+    the admin API with a registered key: refused; a certificate profile whose keys another
+    profile manages is not."""
+    from mpagent import adminapi
+
+    cfg = parse_profiles(
+        admin=ADMIN,
+        solo={**ADMIN, "client_id": "solo"},
+        cert={**ADMIN, "client_id": "cert", "admin_profile": "admin"},
+    )
+    with pytest.raises(ConfigError, match="is admin_profile of cert: once its client"):
+        adminapi.refuse_admin_lockout(cfg, cfg.profile("admin"))
+    with pytest.raises(ConfigError, match=r"is its own admin profile.*refuses its certificate"):
+        adminapi.refuse_admin_lockout(cfg, cfg.profile("solo"))
+    adminapi.refuse_admin_lockout(cfg, cfg.profile("cert"))
 
 
 def test_config_keystore_missing_without_admin_profile_says_both_ways() -> None:
@@ -370,3 +413,19 @@ def test_check_kid_refuses_what_is_no_file_name(kid: str) -> None:
     with pytest.raises(ConfigError, match="cannot be used"):
         check_kid(kid)
     assert check_kid("min_egen_nokkel.2") == "min_egen_nokkel.2"
+
+
+def test_keys_dir_is_absolute_with_a_relative_xdg_data_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative data dir (XDG_DATA_HOME=rel-data, which platformdirs before 4.14 returns
+    as it stands) still gives an absolute keys directory and key path, as they are written
+    into config.toml (where a relative path is taken from the file's folder)."""
+    from mpagent import paths
+    from mpagent.keys.generate import create_key, keys_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(paths, "data_dir", lambda: "rel-data/mpagent")  # the OS edge
+    assert keys_dir() == tmp_path / "rel-data" / "mpagent" / "keys"
+    path, _ = create_key(None, "k-rel")
+    assert path.is_absolute() and path == keys_dir() / "k-rel.pem" and path.is_file()

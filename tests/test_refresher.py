@@ -21,10 +21,18 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pytest
 
-from mpagent import tokens
+from mpagent import altinn, tokens
 from mpagent.config import Profile
 from mpagent.errors import ConfigError, IssuerRejected, IssuerUnavailable, MpagentError
-from mpagent.refresher import GET_WAIT, MAX_ON_DEMAND_KEYS, MAX_SLEEP, Entry, Refresher, Source
+from mpagent.refresher import (
+    GET_WAIT,
+    ISSUER_SLOTS,
+    MAX_ON_DEMAND_KEYS,
+    MAX_SLEEP,
+    Entry,
+    Refresher,
+    Source,
+)
 
 if TYPE_CHECKING:
     from mpagent.exchange import Exchange
@@ -504,7 +512,6 @@ def customer_world(world: World, ref: str | None = None) -> ClaimsExchange:
 def test_customer_tokens_have_keys_of_their_own(world: World) -> None:
     """A token per customer organisation: each its own key, fetched with that organisation's
     claims (the profile's own token with none), then served from the cache; status names it."""
-    from mpagent import altinn
     from mpagent.refresher import Customer, customer
 
     exchange = customer_world(world)
@@ -567,3 +574,59 @@ def test_keys_differ_by_exchange_target() -> None:
     exchanged = Profile("p", "test", "c", (SCOPE,), Path("k.p12"), exchange="https://a.example/x")
     assert Source(plain).key_for([SCOPE]) != Source(exchanged).key_for([SCOPE])
     assert Source(exchanged).key_for([SCOPE]).exchange == "https://a.example/x"
+
+
+def test_hanging_exchange_leaves_the_environment_its_slots() -> None:
+    """Exchanging keys whose fetches hang (Altinn's step) hold slots of their own: a plain
+    profile of the same environment still gets its token while ISSUER_SLOTS of them hang."""
+    clock = Clock()
+    altinn_side, plain_side = FakeExchange(clock), FakeExchange(clock)
+    gate = threading.Event()
+    scopes = [f"a:{n}" for n in range(ISSUER_SLOTS)]
+    for scope in scopes:
+        altinn_side.will(scope, gate)
+    exchanging = Profile("alt", "test", "c", (), Path("k.p12"), exchange="https://a.example/x")
+    sources = {
+        "alt": Source(exchanging, cast("Exchange", altinn_side)),
+        "plain": source("plain", plain_side),
+    }
+    with ThreadPoolExecutor(8) as pool:
+        world = World(clock, plain_side, Refresher(pool, clock=clock, rand=lambda: RAND))
+        world.refresher.set_sources(sources, "plain")
+
+        async def main() -> None:
+            hanging = [asyncio.create_task(world.refresher.get("alt", [s], None)) for s in scopes]
+            await until(lambda: len(altinn_side.calls) == ISSUER_SLOTS, "all slots taken")
+            plain = asyncio.create_task(world.refresher.get("plain", [SCOPE], None))
+            try:
+                await until(plain.done, "the plain profile's token, while Altinn hangs")
+                assert plain.result().scope == SCOPE and not any(h.done() for h in hanging)
+            finally:
+                gate.set()
+            await asyncio.gather(plain, *hanging)
+
+        world.run(main)
+
+
+def test_customer_keys_have_a_cap_of_their_own(world: World) -> None:
+    """Customer organisations beyond MAX_CUSTOMER_KEYS are refused with their own message,
+    and they take nothing from the on-demand cap: new plain on-demand keys still come."""
+    from mpagent.refresher import MAX_CUSTOMER_KEYS, Customer
+
+    customer_world(world)
+    refresher = world.refresher
+    orgs = [f"{n:08d}" for n in range(10_000_000, 10_000_000 + 2 * MAX_CUSTOMER_KEYS)]
+    valid = [o + str(d) for o in orgs if (d := altinn.check_digit(o)) is not None]
+    for org in valid[:MAX_CUSTOMER_KEYS]:
+        assert refresher.cached(None, [SCOPE], None, Customer(systemuser_org=org)) is None
+    with pytest.raises(MpagentError) as caught:
+        refresher.cached(None, [SCOPE], None, Customer(consumer_org=valid[MAX_CUSTOMER_KEYS]))
+    assert str(caught.value).startswith(
+        f"too many customer organisations at once: {MAX_CUSTOMER_KEYS}; "
+    )
+    assert "idle_timeout = 30 s" in str(caught.value)
+    for n in range(MAX_ON_DEMAND_KEYS):  # plain on-demand keys: their own cap, all of it
+        assert refresher.cached(None, [f"x:{n}"], None) is None
+    with pytest.raises(MpagentError, match="already keeps 1000 on-demand token keys"):
+        refresher.cached(None, ["x:one-too-many"], None)
+    assert len(refresher.entries) == 1 + MAX_CUSTOMER_KEYS + MAX_ON_DEMAND_KEYS

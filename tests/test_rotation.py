@@ -5,10 +5,12 @@ subprocesses, keys generated at run time."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mpagent import client, paths, rotation
@@ -26,14 +29,15 @@ from mpagent import config as config_module
 from mpagent.emulator import Emulator, pki
 from mpagent.errors import ConfigError, MpagentError
 from mpagent.exchange import open_exchange
-from mpagent.keys.generate import create_key
-from mpagent.private import ensure_private_dir, try_lock
+from mpagent.keys.generate import create_key, public_jwk
+from mpagent.private import ensure_private_dir, read_regular, try_lock
 
 from .agentproc import AgentProcess, status, wait_for
 from .conftest import PASSWORD, run_cli
 
 ADMIN_ID = "0b5e2d1c-admin-4c5d-9e8f-000000000001"
 APP_ID = "7c1f3a2b-app-4c5d-9e8f-000000000002"
+CERT_ID = "5d3e1f0a-cert-4c5d-9e8f-000000000003"  # a certificate client that is no admin
 ADMIN_SCOPES = ("idporten:dcr.read", "idporten:dcr.write")
 APP_SCOPE = "altinn:serviceowner"
 OLD_KID = "app-old-key"
@@ -87,7 +91,7 @@ def emulator_options() -> dict[str, Any]:
 def emu(
     ca: pki.Issued, signing_key: rsa.RSAPrivateKey, emulator_options: dict[str, Any]
 ) -> Iterator[Emulator]:
-    clients = {ADMIN_ID: ADMIN_SCOPES, APP_ID: [APP_SCOPE]}
+    clients = {ADMIN_ID: ADMIN_SCOPES, APP_ID: [APP_SCOPE], CERT_ID: [APP_SCOPE]}
     with Emulator(
         clients=clients,
         trust=[ca.cert],
@@ -388,28 +392,227 @@ def test_a_second_rotate_of_the_profile_is_refused(emu: Emulator, config: Path) 
     held = try_lock(lock_path)
     assert held is not None
     try:
-        with pytest.raises(ConfigError, match="another `mpagent keys rotate` for profile app"):
+        with pytest.raises(ConfigError, match="keys of profile app are being changed by another"):
             rotation.rotate(config, "app", grace=0, dry_run=False, say=print, out=print)
     finally:
         os.close(held)
     assert kids(emu) == [OLD_KID]
 
 
-@pytest.mark.slow
+def test_rotating_the_admin_certificate_profile_is_refused(emu: Emulator, config: Path) -> None:
+    """The admin profile signs with its certificate: a registered key would lock its client
+    out of certificate grants and so of the admin API; rotate refuses before any change."""
+    before = config.read_bytes()
+    with pytest.raises(ConfigError, match="refuses its certificate grants") as caught:
+        rotation.rotate(config, "admin", grace=0, dry_run=False, say=print, out=print)
+    assert "admin_profile of app" in str(caught.value)
+    assert emu.client_keys(ADMIN_ID)["keys"] == [] and config.read_bytes() == before
+    assert state_files() == []
+
+
+CERT_PROFILE = """
+# a client that signs with the certificate, its keys managed by the admin profile
+[profiles.cert]
+environment = "{issuer}"
+client_id = "{cert_id}"
+scopes = ["{scope}"]
+keystore = "{p12}"
+admin_profile = "admin"
+admin_api = "{admin_api}"
+"""
+
+
 @pytest.mark.parametrize("emulator_options", [{"propagation": 0.0}])
-def test_rotate_a_certificate_profile_makes_its_first_kid(emu: Emulator, config: Path) -> None:
-    """A profile signing with its business certificate may rotate: the new key becomes its
-    first kid, the warning says certificate grants stop, and it stays its own admin."""
+def test_rotate_a_certificate_profile_makes_its_first_kid(
+    emu: Emulator, config: Path, p12: Path
+) -> None:
+    """A certificate profile that is no admin may rotate: the new key becomes its first kid,
+    the warning says certificate grants stop, and tokens come with the new kid."""
+    with config.open("a", encoding="utf-8") as f:
+        f.write(CERT_PROFILE.format(issuer=emu.issuer, cert_id=CERT_ID, scope=APP_SCOPE,
+                                    p12=p12, admin_api=emu.admin_api))  # fmt: skip
     said: list[str] = []
     lines: list[str] = []
-    rotation.rotate(config, "admin", grace=0, dry_run=False, say=said.append, out=lines.append)
-    admin = tomllib.loads(config.read_text(encoding="utf-8"))["profiles"]["admin"]
-    assert admin["kid"].startswith("mpagent-admin-") and admin["admin_profile"] == "admin"
-    assert [k["kid"] for k in emu.client_keys(ADMIN_ID)["keys"]] == [admin["kid"]]
+    rotation.rotate(config, "cert", grace=0, dry_run=False, say=said.append, out=lines.append)
+    cert = tomllib.loads(config.read_text(encoding="utf-8"))["profiles"]["cert"]
+    assert cert["kid"].startswith("mpagent-cert-") and cert["admin_profile"] == "admin"
+    assert [k["kid"] for k in emu.client_keys(CERT_ID)["keys"]] == [cert["kid"]]
     assert any("refuses certificate grants" in s for s in said)
     assert any("no old kid to remove" in line for line in lines)
     cfg = config_module.load(config)
-    assert open_exchange(cfg, cfg.profile("admin")).fetch([ADMIN_SCOPES[0]]).access_token
+    assert open_exchange(cfg, cfg.profile("cert")).fetch([APP_SCOPE]).access_token
+
+
+# -- other writers, and a rotation stopped between a step and its record -----------------
+
+
+def drop_new_kid(emu: Emulator, old_key: Path) -> str:
+    """Another writer posts the set without the rotation's new kid: only the old key left."""
+    (state,) = state_files()
+    new_kid = json.loads(state.read_text(encoding="utf-8"))["new_kid"]
+    assert new_kid in kids(emu)
+    key = serialization.load_pem_private_key(read_regular(old_key, private=True), None)
+    emu.register_keys(APP_ID, [public_jwk(key, OLD_KID)])  # type: ignore[arg-type]
+    return str(new_kid)
+
+
+@pytest.mark.parametrize("emulator_options", [{"propagation": 0.0}])
+@pytest.mark.parametrize("stopped_after", ["registered", "verified"])
+def test_a_rerun_registers_the_new_kid_again_when_it_was_dropped(
+    emu: Emulator, config: Path, old_key: Path, stopped_after: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rotation stopped after registering (or verifying), then the set posted without its
+    new kid by another writer: the rerun registers it again, says so, and completes."""
+    monkeypatch.setattr(rotation, "GIVE_UP_AFTER", 10.0)  # a kid never taken: fail in seconds
+    with pytest.raises(Stop):
+        rotation.rotate(config, "app", grace=0, dry_run=False, say=print,
+                        out=stop_after(stopped_after))  # fmt: skip
+    new_kid = drop_new_kid(emu, old_key)
+    said: list[str] = []
+    rotation.rotate(config, "app", grace=0, dry_run=False, say=said.append, out=print)
+    assert any(f"kid {new_kid} was no longer in client" in line for line in said)
+    assert kids(emu) == [new_kid] and profile_settings(config)["kid"] == new_kid
+    assert usable(config)
+
+
+def test_keys_delete_refuses_the_kid_of_a_rotation_under_way(emu: Emulator, config: Path) -> None:
+    """`keys delete` of the new kid of an interrupted rotation is refused, naming its state."""
+    with pytest.raises(Stop):
+        rotation.rotate(config, "app", grace=0, dry_run=False, say=print, out=stop_after("reg"))
+    (state,) = state_files()
+    new_kid = json.loads(state.read_text(encoding="utf-8"))["new_kid"]
+    result = run_cli("--config", str(config), "keys", "delete", new_kid, "--yes", env=ENV)
+    assert result.returncode == 78, result.stderr
+    assert "new key of a rotation under way" in result.stderr and str(state) in result.stderr
+    assert new_kid in kids(emu)
+
+
+@pytest.mark.parametrize("emulator_options", [{"key_lifetime": 10 * 86400.0}])
+@pytest.mark.parametrize("extra", ["auto_renew = true"])
+def test_auto_renew_waits_while_a_rotation_holds_the_lock(
+    emu: Emulator, config: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The agent's check does not renew while a rotation (or keys command) holds the
+    profile's lock, and says so once; after the lock is let go, the next check renews."""
+    from mpagent import keywatch
+
+    cfg = config_module.load(config)
+    admin = open_exchange(cfg, cfg.profile("admin"))
+    watch = keywatch.KeyWatch(refresher=None)  # type: ignore[arg-type]
+    watch.update(cfg)
+    w = watch.watched["app"]
+
+    def token(name: str, scope: str) -> str:
+        return admin.fetch([scope]).access_token
+
+    before = emu.client_keys(APP_ID)["keys"][0]["exp"]
+    with rotation.exclusive("app"), caplog.at_level("INFO", "mpagent.keywatch"):
+        watch._check(cfg, w, token)
+        watch._check(cfg, w, token)
+    assert w.error is None and w.keys is not None
+    assert emu.client_keys(APP_ID)["keys"][0]["exp"] == before
+    assert caplog.text.count("a rotation or keys command is changing") == 1
+    time.sleep(1.1)  # exp has one-second resolution
+    watch._check(cfg, w, token)
+    assert emu.client_keys(APP_ID)["keys"][0]["exp"] > before
+
+
+def fail_save(monkeypatch: pytest.MonkeyPatch, number: int) -> None:
+    """The rotation's `number`th state write (rotation.write_atomic) fails once: the step
+    before it has had its effect, but is not recorded."""
+    real = rotation.write_atomic
+    calls = [0]
+
+    def write(path: Path, text: Any) -> None:
+        calls[0] += 1
+        if calls[0] == number:
+            raise OSError("disk full (test)")
+        real(path, text)
+
+    monkeypatch.setattr(rotation, "write_atomic", write)
+
+
+# The state is written at the start (1), after each step (2 generated, 3 registered,
+# 4 verified), and in the switch once config.toml is rewritten (5).
+@pytest.mark.parametrize("emulator_options", [{"propagation": 0.0}])
+@pytest.mark.parametrize(
+    ("save", "done"), [(2, "key file written"), (3, "registered"), (5, "config.toml rewritten")]
+)
+def test_a_rotation_failing_before_its_record_finishes_on_rerun(
+    emu: Emulator, config: Path, monkeypatch: pytest.MonkeyPatch, save: int, done: str
+) -> None:
+    """A step's effect happens (the key file, the POST, the config write), then its record
+    fails: the profile still has a usable key, and a rerun completes with the new key."""
+    with monkeypatch.context() as m:
+        fail_save(m, save)
+        with pytest.raises(OSError, match="disk full"):
+            rotation.rotate(config, "app", grace=0, dry_run=False, say=print, out=print)
+    assert usable(config)
+    rotation.rotate(config, "app", grace=0, dry_run=False, say=print, out=print)
+    new = profile_settings(config)["kid"]
+    assert new.startswith("mpagent-app-") and kids(emu) == [new] and state_files() == []
+    assert usable(config)
+
+
+@pytest.mark.parametrize("emulator_options", [{"propagation": 0.0}])
+def test_a_truncated_new_key_file_is_made_again(
+    emu: Emulator, config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed while writing the new key (a truncated .pem, nothing registered yet): the
+    rerun makes the key again instead of asking to delete files, and completes."""
+    with monkeypatch.context() as m:
+        fail_save(m, 2)
+        with pytest.raises(OSError, match="disk full"):
+            rotation.rotate(config, "app", grace=0, dry_run=False, say=print, out=print)
+    (state,) = state_files()
+    pem = Path(json.loads(state.read_text(encoding="utf-8"))["new_keystore"])
+    pem.write_bytes(pem.read_bytes()[:100])
+    rotation.rotate(config, "app", grace=0, dry_run=False, say=print, out=print)
+    new = profile_settings(config)["kid"]
+    assert kids(emu) == [new] and usable(config)
+
+
+class Hang:
+    """A loopback TCP server that accepts connections and never answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/clients/"
+        self.accepted: list[Any] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.accepted.append(self.sock.accept()[0])
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def test_the_agent_stops_at_once_while_an_admin_check_hangs(
+    emu: Emulator, config: Path, tmp_path: Path
+) -> None:
+    """An admin API that accepts and never answers: the agent's key check is under way, and
+    `stop` (SIGTERM) still ends the agent within ~2 s, not after the request's deadline."""
+    hang = Hang()
+    try:
+        text = config.read_text(encoding="utf-8").replace(emu.admin_api, hang.url)
+        config.write_text(text, encoding="utf-8")
+        agent = AgentProcess(config, tmp_path / "agent.log").wait_ready()
+        try:
+            wait_for(lambda: hang.accepted, timeout=10)
+            started = time.monotonic()
+            agent.signal(signal.SIGTERM)
+            agent.proc.wait(15)
+            took = time.monotonic() - started
+        finally:
+            agent.stop()
+    finally:
+        hang.close()
+    assert took < 2.5, f"the agent took {took:.1f} s to stop"
 
 
 # -- the agent's key watch, status, doctor ----------------------------------------------

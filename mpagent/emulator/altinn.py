@@ -141,8 +141,9 @@ def parse_systemusers(specs: list[str] | tuple[str, ...]) -> dict[str, frozenset
 def check_systemuser(
     client_id: str, details: Any, systemusers: Mapping[str, frozenset[str]]
 ) -> None:
-    """Each urn:altinn:systemuser detail of a grant names an organisation that has a system
-    user for this client, else Maskinporten's MP-303 invalid_altinn_customer_configuration.
+    """The urn:altinn:systemuser detail of a grant (one at most, rules.
+    check_authorization_details) names an organisation that has a system user for this
+    client, else Maskinporten's MP-303 invalid_altinn_customer_configuration.
     Maskinporten asks Altinn for the system user by (client_id, systemuser_org): "Maskinporten
     ->> Altinn Authorization: GetSystemUser(client_id, systemUserOrgNo)", and issues the token
     only "If a valid System User exists in Altinn" (docs.altinn.studio, authorization/guides/

@@ -282,10 +282,10 @@ def _check_key_usage(leaf: x509.Certificate) -> None:
 def org_number(cert: x509.Certificate) -> str | None:
     """From the subject serialNumber (SEID 1) or organizationIdentifier NTRNO-… (SEID 2)."""
     for attr in cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER):
-        if re.fullmatch(r"\d{9}", str(attr.value)):
+        if re.fullmatch(r"[0-9]{9}", str(attr.value)):
             return str(attr.value)
     for attr in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_IDENTIFIER):
-        if match := re.fullmatch(r"NTRNO-(\d{9})", str(attr.value)):
+        if match := re.fullmatch(r"NTRNO-([0-9]{9})", str(attr.value)):
             return match.group(1)
     return None
 
@@ -386,7 +386,7 @@ def _check_optional(claims: Mapping[str, Any]) -> None:
     if not isinstance(resource, str) and not (resource and strings):
         raise _bad_grant("resource must be a string or an array of strings")
     if "consumer_org" in claims:
-        if not re.fullmatch(r"\d{9}", claims["consumer_org"]):
+        if not re.fullmatch(r"[0-9]{9}", claims["consumer_org"]):  # \d takes "٩" too
             raise _bad_grant("consumer_org must be a 9-digit organisation number")
         if "iss_onbehalfof" in claims:
             raise _bad_grant("consumer_org cannot be combined with iss_onbehalfof")
@@ -407,13 +407,21 @@ def check_authorization_details(details: Any) -> None:
             raise Rejection("invalid_authorization_details", text, "MP-302")
         if kind == "urn:altinn:systemuser":
             _check_systemuser_org(detail.get("systemuser_org"))
+    # One urn:altinn:systemuser object per grant (MASKINPORTEN.md §3): Altinn's usetoken guide
+    # has the vendor ask "for a specific customer by providing the customer's organization
+    # number", Maskinporten looks up one system user (GetSystemUser(client_id,
+    # systemUserOrgNo)), and the exchanged Altinn token carries one object (emulator/altinn.py).
+    # A second is a bad value: MP-303, the code for bad system-user values (§3).
+    if sum(d["type"] == "urn:altinn:systemuser" for d in details) > 1:
+        text = "Only one authorization_details object of type urn:altinn:systemuser per request"
+        raise Rejection("invalid_altinn_customer_configuration", text, "MP-303")
 
 
 def _check_systemuser_org(org: Any) -> None:
     ok = (
         isinstance(org, dict)
         and org.get("authority") == "iso6523-actorid-upis"
-        and re.fullmatch(r"0192:\d{9}", str(org.get("ID", ""))) is not None
+        and re.fullmatch(r"0192:[0-9]{9}", str(org.get("ID", ""))) is not None
     )
     if not ok:
         text = (

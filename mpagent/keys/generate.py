@@ -24,8 +24,9 @@ _KID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def keys_dir() -> Path:
-    """Where `mpagent keys create` keeps private keys unless told otherwise."""
-    return Path(paths.data_dir()) / "keys"
+    """Where `mpagent keys create` keeps private keys unless told otherwise; absolute, as it
+    goes into config.toml, where a relative path is taken from the file's directory."""
+    return (Path(paths.data_dir()) / "keys").absolute()
 
 
 def new_kid(profile: str, now: float) -> str:
