@@ -47,7 +47,7 @@ from mpagent.passwords import SERVICE
 from mpagent.peers import PEER_CHECK, describe, holder, peer
 from mpagent.private import read_regular, write_atomic
 from mpagent.refresher import Customer, customer
-from mpagent.tokens import Token, fingerprint
+from mpagent.tokens import SCOPE_TOKEN, Token, fingerprint
 
 log = logging.getLogger(__name__)
 # Refused connections: one line a minute, then a count, so another user's loop cannot fill
@@ -69,7 +69,6 @@ _FIXED_HEADERS = (
 )
 _STATUS_HEADERS = {401: 'WWW-Authenticate: Basic realm="mpagent"\r\n', 405: "Allow: POST\r\n"}
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 §3.3
 _SINGLE = {"host", "content-length", "content-type", "authorization", "transfer-encoding"}
 
 
@@ -353,7 +352,7 @@ class Bridge:
                 return list(configured)
             choices = ", ".join(configured) or "any scope of the client; the profile keeps none"
             raise Refusal(f"name a scope: {choices}", 400, "invalid_scope")
-        if not all(_SCOPE_TOKEN.fullmatch(word) for word in scope.split()):
+        if not all(SCOPE_TOKEN.fullmatch(word) for word in scope.split()):
             raise Refusal("scope holds characters RFC 6749 does not allow", 400, "invalid_scope")
         return scope.split()
 

@@ -16,8 +16,12 @@ With Maskinporten's 120-second tokens the defaults give:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+# One scope token, RFC 6749 §3.3: printable ASCII but space, `"` and `\`.
+SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 
 SOFT_FRACTION = 0.5
 SOFT_JITTER = 0.1
