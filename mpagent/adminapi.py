@@ -23,7 +23,7 @@ import requests
 from mpagent.config import Config, Profile
 from mpagent.console import printable
 from mpagent.errors import AdminApiError, ConfigError, IssuerRejected, IssuerUnavailable
-from mpagent.issuer import MAX_ANSWER, Deadline, DeadlineAdapter, read_limited, unreachable
+from mpagent.issuer import new_session, send
 from mpagent.keys import Passwords
 from mpagent.ownkeys import KeySet, RegisteredKey, parse_keyset, upload_body
 from mpagent.tokens import Token, fingerprint
@@ -58,10 +58,7 @@ class AdminApi:
         self.token, self.show = token, show
         self.admin, self.admin_client = admin, admin_client
         self.timeout = (connect_timeout, read_timeout)
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = "mpagent"
-        for prefix in ("https://", "http://"):
-            self.session.mount(prefix, DeadlineAdapter())
+        self.session = new_session()
 
     def url(self, client_id: str) -> str:
         return f"{self.base_url}{requests.utils.quote(client_id, safe='')}/jwks"
@@ -90,35 +87,18 @@ class AdminApi:
         """The answer's JSON (None for an empty 2xx body); every failure an mpagent error."""
         bearer = self.token(scope)
         log.debug("admin API: %s %s, token %s (%s)", method, url, fingerprint(bearer), scope)
-        deadline = Deadline(sum(self.timeout))
         headers = {"Authorization": f"Bearer {bearer}", "Accept": "application/json"}
-        try:
-            with deadline:
-                response = self.session.request(
-                    method,
-                    url,
-                    json=body,
-                    headers=headers,
-                    timeout=self.timeout,
-                    allow_redirects=False,
-                    stream=True,
-                )
-                with response:
-                    status = response.status_code
-                    data = read_limited(
-                        response,
-                        AdminApiError(
-                            f"{url} answered with more than {MAX_ANSWER // 1024} KiB (a key "
-                            "set is a few KiB); check admin_api"
-                        ),
-                    )
-        except requests.RequestException as exc:
-            if deadline.expired:
-                raise IssuerUnavailable(
-                    f"{url} did not send its whole answer within {sum(self.timeout):g} s "
-                    "(connect_timeout + read_timeout); try again, or raise [http] read_timeout"
-                ) from exc
-            raise IssuerUnavailable(unreachable(exc, url, self.timeout)) from exc
+        answer = send(
+            self.session,
+            method,
+            url,
+            self.timeout,
+            setting="admin_api",
+            expected="a key set is a few KiB",
+            json=body,
+            headers=headers,
+        )
+        status, data = answer.status, answer.body
         if status == 429 or status >= 500:
             raise IssuerUnavailable(
                 f"{url} answered HTTP {status}; Digdir's admin API is failing, try again later"

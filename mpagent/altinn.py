@@ -12,10 +12,7 @@ Altinn Platform authentication component). MASKINPORTEN.md §3, §8.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
-import json
 import math
 import re
 import urllib.parse
@@ -216,23 +213,12 @@ def altinn_expiry(altinn_token: str, maskinporten_expires_at: float) -> float:
     Maskinporten token's expiry (Altinn's .NET client also keeps the exchanged token only for
     the Maskinporten token's expires_in). The Altinn token is read, not verified: its exp only
     shortens the time it is served. Without a readable exp, the Maskinporten expiry."""
+    from mpagent.tokens import unverified_claims  # not on the hot path (`get --systemuser-org`)
+
     exp = unverified_claims(altinn_token).get("exp")
     if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
         return maskinporten_expires_at
     return min(float(exp), maskinporten_expires_at)
-
-
-def unverified_claims(token: str) -> dict[str, Any]:
-    """The payload of a JWT, base64url-decoded (padding optional) without checking the
-    signature; {} for anything that is not a JWT with a JSON object payload."""
-    parts = token.split(".") if isinstance(token, str) else []
-    if len(parts) != 3:
-        return {}
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (binascii.Error, ValueError):  # UnicodeDecodeError and JSONDecodeError included
-        return {}
-    return payload if isinstance(payload, dict) else {}
 
 
 # -- hints for Maskinporten's refusals of authorization_details ------------------------------

@@ -27,14 +27,11 @@ import requests
 from mpagent.console import printable
 from mpagent.errors import IssuerRejected, IssuerUnavailable
 from mpagent.issuer import (
-    MAX_ANSWER,
     Answer,
-    Deadline,
-    DeadlineAdapter,
-    read_limited,
+    new_session,
     redirect_target,
     redirected,
-    unreachable,
+    send,
 )
 from mpagent.tokens import fingerprint
 
@@ -44,15 +41,6 @@ STEP = "Maskinporten accepted the grant; Altinn's exchange"
 MAX_EXCERPT = 300
 # Three non-empty segments: an empty signature is an unsigned (alg "none") token.
 _JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
-
-
-def new_session() -> requests.Session:
-    """A session whose requests the issuer's Deadline can end, however slowly answered."""
-    session = requests.Session()
-    session.headers["User-Agent"] = "mpagent"
-    for prefix in ("https://", "http://"):
-        session.mount(prefix, DeadlineAdapter())
-    return session
 
 
 def exchange(
@@ -101,41 +89,26 @@ def exchange(
 
 
 def _get(url: str, bearer: str, timeout: tuple[float, float], session: requests.Session) -> Answer:
-    """One GET, its answer read whole within connect + read timeout and MAX_ANSWER bytes."""
-    deadline = Deadline(sum(timeout))
+    """One GET of the exchange (issuer.send); 429 and 5xx are Altinn failing."""
     headers = {"Authorization": f"Bearer {bearer}", "Accept": "text/plain, application/json"}
-    try:
-        with deadline:
-            response = session.get(
-                url, headers=headers, timeout=timeout, allow_redirects=False, stream=True
-            )
-            with response:
-                if response.status_code == 429 or response.status_code >= 500:
-                    raise IssuerUnavailable(
-                        f"{STEP} answered HTTP {response.status_code} ({url}); Altinn is "
-                        "failing, will retry",
-                        status=response.status_code,
-                        step="altinn",
-                    )
-                body = read_limited(
-                    response,
-                    IssuerUnavailable(
-                        f"{STEP} {url} answered with more than {MAX_ANSWER // 1024} KiB (an "
-                        "Altinn token is a few KiB); check `exchange`",
-                        step="altinn",
-                    ),
-                )
-    except requests.RequestException as exc:
-        if deadline.expired:
-            raise IssuerUnavailable(
-                f"{STEP} {url} did not send its whole answer within {sum(timeout):g} s "
-                "(connect_timeout + read_timeout); try again, or raise [http] read_timeout",
-                step="altinn",
-            ) from exc
-        # unreachable() names the setting that says where Maskinporten is; here it is `exchange`.
-        cause = unreachable(exc, url, timeout).replace("`environment`", "`exchange`")
-        raise IssuerUnavailable(f"{STEP} failed: {cause}", step="altinn") from exc
-    return Answer(url, response.status_code, response.reason or "", response.headers, body)
+    answer = send(
+        session,
+        "GET",
+        url,
+        timeout,
+        setting="`exchange`",
+        expected="an Altinn token is a few KiB",
+        prefix=f"{STEP} failed: ",
+        details={"step": "altinn"},
+        headers=headers,
+    )
+    if answer.status == 429 or answer.status >= 500:
+        raise IssuerUnavailable(
+            f"{STEP} answered HTTP {answer.status} ({url}); Altinn is failing, will retry",
+            status=answer.status,
+            step="altinn",
+        )
+    return answer
 
 
 def altinn_token(answer: Answer) -> str:

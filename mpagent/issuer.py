@@ -86,15 +86,9 @@ class Issuer:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.environment = environment
-        self.timeout = (connect_timeout, read_timeout)
-        # Per-read timeouts cannot bound a request whose answer comes a byte at a time:
-        # each byte restarts them. A whole request may take one connect and one read.
-        self.deadline = connect_timeout + read_timeout
+        self.timeout = (connect_timeout, read_timeout)  # a whole request: one of each (send)
         self.clock = clock
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = "mpagent"
-        for prefix in ("https://", "http://"):
-            self.session.mount(prefix, DeadlineAdapter())
+        self.session = new_session()
         self.skew: float | None = None  # issuer clock minus ours, from the last Date header
         self._endpoints: Endpoints | None = None
 
@@ -164,35 +158,12 @@ class Issuer:
         return parse_token(body, requested_at, endpoint)
 
     def _send(self, method: str, url: str, **kwargs: Any) -> Answer:
-        """One request, its answer read whole within the deadline and MAX_ANSWER bytes; a
-        redirect is returned, never followed."""
-        deadline = Deadline(self.deadline)
-        try:
-            with deadline:
-                response = self.session.request(
-                    method, url, timeout=self.timeout, allow_redirects=False, stream=True, **kwargs
-                )
-                with response:
-                    if response.status_code == 429 or response.status_code >= 500:
-                        raise IssuerUnavailable(
-                            f"{url} answered HTTP {response.status_code}; Maskinporten is "
-                            "failing, will retry"
-                        )
-                    body = read_limited(
-                        response,
-                        IssuerUnavailable(
-                            f"{url} answered with more than {MAX_ANSWER // 1024} KiB "
-                            "(Maskinporten's answers are a few KiB); check `environment`"
-                        ),
-                    )
-        except requests.RequestException as exc:
-            if deadline.expired:
-                raise IssuerUnavailable(
-                    f"{url} did not send its whole answer within {self.deadline:g} s "
-                    "(connect_timeout + read_timeout); try again, or raise [http] read_timeout"
-                ) from exc
-            raise IssuerUnavailable(unreachable(exc, url, self.timeout)) from exc
-        return Answer(url, response.status_code, response.reason or "", response.headers, body)
+        answer = send(self.session, method, url, self.timeout, **kwargs)
+        if answer.status == 429 or answer.status >= 500:
+            raise IssuerUnavailable(
+                f"{url} answered HTTP {answer.status}; Maskinporten is failing, will retry"
+            )
+        return answer
 
     def _json(self, answer: Answer) -> dict[str, Any]:
         try:
@@ -215,6 +186,58 @@ class Issuer:
         elif self.environment not in _skew_warned:
             _skew_warned.add(self.environment)
             log.warning("%s (it allows %g s)", clock_hint(skew), SKEW_ALLOWED)
+
+
+def new_session() -> requests.Session:
+    """A session whose requests a Deadline can end, however slowly they are answered."""
+    session = requests.Session()
+    session.headers["User-Agent"] = "mpagent"
+    for prefix in ("https://", "http://"):
+        session.mount(prefix, _DeadlineAdapter())
+    return session
+
+
+def send(
+    session: requests.Session,
+    method: str,
+    url: str,
+    timeout: tuple[float, float],
+    *,
+    setting: str = "`environment`",
+    expected: str = "Maskinporten's answers are a few KiB",
+    prefix: str = "",
+    details: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> Answer:
+    """One request (Maskinporten, Digdir's admin API, Altinn's exchange), its answer read
+    whole within connect + read timeout (per-read timeouts cannot bound an answer that comes
+    a byte at a time: each byte restarts them) and MAX_ANSWER bytes; a redirect is returned,
+    never followed. A failure to get an answer is IssuerUnavailable, `prefix` + what went
+    wrong, naming `setting` (where the URL comes from) and carrying `details`."""
+    extra = dict(details or {})
+    deadline = Deadline(sum(timeout))
+    try:
+        with deadline:
+            response = session.request(
+                method, url, timeout=timeout, allow_redirects=False, stream=True, **kwargs
+            )
+            with response:
+                too_big = IssuerUnavailable(
+                    f"{prefix}{url} answered with more than {MAX_ANSWER // 1024} KiB "
+                    f"({expected}); check {setting}",
+                    **extra,
+                )
+                body = read_limited(response, too_big)
+    except requests.RequestException as exc:
+        if deadline.expired:
+            raise IssuerUnavailable(
+                f"{prefix}{url} did not send its whole answer within {sum(timeout):g} s "
+                "(connect_timeout + read_timeout); try again, or raise [http] read_timeout",
+                **extra,
+            ) from exc
+        cause = unreachable(exc, url, timeout).replace("`environment`", setting)
+        raise IssuerUnavailable(f"{prefix}{cause}", **extra) from exc
+    return Answer(url, response.status_code, response.reason or "", response.headers, body)
 
 
 def read_limited(response: requests.Response, too_big: Exception) -> bytes:
@@ -347,7 +370,7 @@ def _watch(sock: socket.socket | None) -> None:
         deadline.watch(sock)
 
 
-class DeadlineAdapter(requests.adapters.HTTPAdapter):
+class _DeadlineAdapter(requests.adapters.HTTPAdapter):
     """Gives every connection pool it uses (direct, through a proxy, SOCKS) a connection
     class that reports its socket to the current Deadline."""
 

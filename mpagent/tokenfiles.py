@@ -162,11 +162,12 @@ class TokenFiles:
         stem = self.directory / file_stem(profile, scope_set)
         return stem.with_name(stem.name + JWT), stem.with_name(stem.name + JSON)
 
-    def write(self, profile: str, token: Token) -> tuple[Path, Path]:
-        """Write (or replace) the token's files; the `.jwt` first, so a writer killed between
-        the two leaves a `.json` saying the old, earlier expiry and the pair goes too soon
-        rather than too late."""
-        jwt, doc = self.paths(profile, token.scope)
+    def write(self, profile: str, scope_set: str, token: Token) -> tuple[Path, Path]:
+        """Write (or replace) the files of the scope set asked for (not the token's `scope`,
+        which the issuer may answer reordered, narrowed or empty); the `.jwt` first, so a
+        writer killed between the two leaves a `.json` saying the old, earlier expiry and the
+        pair goes too soon rather than too late."""
+        jwt, doc = self.paths(profile, scope_set)
         with self._lock:
             self._ensure_dir(jwt.parent)
             for path, data in [
@@ -255,6 +256,14 @@ class TokenFiles:
                     f"[files] group = {self.group!r}: you are not a member, so {directory} "
                     "cannot be given to it; add the agent's user to the group or change group"
                 ) from None
+        if gid is None and not st.st_mode & stat.S_ISGID:
+            # Without set-group-ID the group is the creator's primary one (`users` on some
+            # distributions, `staff` on macOS): opening it would open the tokens to other users.
+            raise ConfigError(
+                f"[files] file_mode 0640 without group: {directory} has no set-group-ID group "
+                "to share with (an emptyDir with fsGroup has one); set [files] group, or use "
+                "file_mode = 0o600"
+            )
         wanted = SHARED_DIR_MODE | (stat.S_ISGID if gid is not None else st.st_mode & stat.S_ISGID)
         if chown or stat.S_IMODE(st.st_mode) != wanted:  # chown may drop set-group-ID
             os.chmod(directory, wanted)

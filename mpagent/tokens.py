@@ -16,9 +16,13 @@ With Maskinporten's 120-second tokens the defaults give:
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 # One scope token, RFC 6749 §3.3: printable ASCII but space, `"` and `\`.
 SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
@@ -108,3 +112,16 @@ def backoff(failures: int, rand: float, *, rejected: bool = False) -> float:
     base = REJECTED_BACKOFF_BASE if rejected else BACKOFF_BASE
     nominal = min(BACKOFF_CAP, base * 2 ** max(0, failures - 1))
     return nominal * (0.5 + 0.5 * rand)
+
+
+def unverified_claims(token: str) -> dict[str, Any]:
+    """The payload of a JWT, base64url-decoded (padding optional) without checking the
+    signature; {} for anything that is not a JWT with a JSON object payload."""
+    parts = token.split(".") if isinstance(token, str) else []
+    if len(parts) != 3:
+        return {}
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (binascii.Error, ValueError, RecursionError):  # Unicode/JSONDecodeError: ValueError
+        return {}
+    return payload if isinstance(payload, dict) else {}

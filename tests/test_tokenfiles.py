@@ -152,7 +152,7 @@ def test_write_private_by_default(shm: Path) -> None:
     files = TokenFiles(shm / "run" / "mpagent")
     old = os.umask(0)
     try:
-        jwt, doc = files.write("default", token("digdir:krr"))
+        jwt, doc = files.write("default", "digdir:krr", token("digdir:krr"))
     finally:
         os.umask(old)
     assert jwt == shm / "run/mpagent/default/digdir_krr.jwt"
@@ -169,7 +169,7 @@ def test_write_shared_with_a_group(shm: Path) -> None:
     files = TokenFiles(shm / "mpagent", file_mode=0o640, group=grp.getgrgid(gid).gr_name)
     old = os.umask(0o077)
     try:
-        jwt, doc = files.write("default", token())
+        jwt, doc = files.write("default", "digdir:krr", token())
     finally:
         os.umask(old)
     assert mode(jwt) == mode(doc) == 0o640
@@ -183,9 +183,29 @@ def test_shared_without_group_keeps_the_inherited_group(shm: Path) -> None:
     base = shm / "volume"
     base.mkdir()
     os.chmod(base, 0o2777)  # noqa: S103 -- what an emptyDir with fsGroup looks like
-    jwt, _ = TokenFiles(base, file_mode=0o640).write("default", token())
+    jwt, _ = TokenFiles(base, file_mode=0o640).write("default", "digdir:krr", token())
     assert mode(jwt.parent) == 0o2750 and mode(jwt) == 0o640
     assert mode(base) == 0o2777  # a volume that is not ours is left as it is
+
+
+def test_shared_without_group_or_set_group_id_is_refused(shm: Path) -> None:
+    """file_mode 0640 without a group, in a dir that is not set-group-ID: the group would be
+    the creator's primary one (often shared by every user), so nothing is written."""
+    base = shm / "plain"
+    base.mkdir(mode=0o755)
+    with pytest.raises(ConfigError, match=r"without group.*set \[files\] group"):
+        TokenFiles(base, file_mode=0o640).write("default", "digdir:krr", token())
+    assert not list((base / "default").iterdir())
+
+
+def test_files_are_named_by_the_scope_set_asked_for(shm: Path) -> None:
+    """The issuer's answered scope (empty, or narrowed) never names the files: the scope set
+    asked for does, so the reader finds them and remove() clears them."""
+    files = TokenFiles(shm)
+    jwt, _ = files.write("p", "a:x b:y", token(""))
+    assert jwt == files.paths("p", "b:y a:x")[0] and jwt.read_text() == "eyJ.a.b"
+    files.remove("p", "a:x b:y")
+    assert not jwt.exists()
 
 
 @pytest.mark.parametrize("bad", [0o644, 0o660, 0o604, 0o700, 0o200, 0o1600])
@@ -211,7 +231,9 @@ def test_group_the_agent_is_not_in_is_refused(shm: Path) -> None:
     if os.geteuid() != 0:
         other = next(g.gr_gid for g in grp.getgrall() if g.gr_gid not in os.getgroups())
         with pytest.raises(ConfigError, match="you are not a member"):
-            TokenFiles(shm / "files", file_mode=0o640, group=other).write("p", token())
+            TokenFiles(shm / "files", file_mode=0o640, group=other).write(
+                "p", "digdir:krr", token()
+            )
         return
     nobody = 65534
     other = next(g.gr_gid for g in grp.getgrall() if g.gr_gid != nobody)
@@ -225,7 +247,9 @@ def test_group_the_agent_is_not_in_is_refused(shm: Path) -> None:
             os.setgroups([])
             os.setgid(nobody)
             os.setuid(nobody)
-            TokenFiles(shm / "files", file_mode=0o640, group=other).write("p", token())
+            TokenFiles(shm / "files", file_mode=0o640, group=other).write(
+                "p", "digdir:krr", token()
+            )
         except ConfigError as exc:
             code = 0 if "you are not a member" in str(exc) else 2
         finally:
@@ -238,14 +262,14 @@ def test_existing_profile_directory_must_be_closed(shm: Path) -> None:
     (shm / "default").mkdir(mode=0o700)
     os.chmod(shm / "default", 0o777)  # noqa: S103 -- the mistake refused
     with pytest.raises(ConfigError, match="chmod 700"):
-        TokenFiles(shm).write("default", token())
+        TokenFiles(shm).write("default", "digdir:krr", token())
     with pytest.raises(ConfigError, match="chmod 750"):
-        TokenFiles(shm, file_mode=0o640).write("default", token())
+        TokenFiles(shm, file_mode=0o640).write("default", "digdir:krr", token())
     (shm / "elsewhere").mkdir()
     (shm / "linked").symlink_to(shm / "elsewhere")
     for file_mode in (0o600, 0o640):
         with pytest.raises(ConfigError, match="not a directory"):
-            TokenFiles(shm, file_mode=file_mode).write("linked", token())
+            TokenFiles(shm, file_mode=file_mode).write("linked", "digdir:krr", token())
     assert not list((shm / "elsewhere").iterdir())
 
 
@@ -253,11 +277,11 @@ def test_rewrite_replaces_and_clears_leftovers(shm: Path) -> None:
     """A refresh replaces both files (new inode, new content) and removes the temporary files
     a writer killed mid-write left for them."""
     files = TokenFiles(shm)
-    jwt, doc = files.write("p", token(access="first"))
+    jwt, doc = files.write("p", "digdir:krr", token(access="first"))
     leftover = jwt.parent / f".{jwt.name}.abc123.tmp"
     leftover.write_text("half a tok")
     inode = jwt.stat().st_ino
-    files.write("p", token(access="second", at=2000))
+    files.write("p", "digdir:krr", token(access="second", at=2000))
     assert jwt.read_text() == "second" and json.loads(doc.read_text())["expires_at"] == 2000
     assert jwt.stat().st_ino != inode and not leftover.exists()
 
@@ -303,7 +327,7 @@ def test_reader_never_sees_a_partial_file(shm: Path) -> None:
     """A reader in another process, reading both files in a loop through 200 rewrites, always
     finds whole, matching files (never missing, empty or cut), and sees many versions."""
     files = TokenFiles(shm / "files")
-    jwt, doc = files.write("default", numbered(0))
+    jwt, doc = files.write("default", "digdir:krr", numbered(0))
     stop = shm / "stop"
     args = [sys.executable, "-c", READER, str(jwt), str(doc), str(stop)]
     with subprocess.Popen(args, stdout=subprocess.PIPE, text=True) as reader:
@@ -311,7 +335,7 @@ def test_reader_never_sees_a_partial_file(shm: Path) -> None:
         try:
             assert reader.stdout.readline() == "ready\n"
             for i in range(1, 201):
-                files.write("default", numbered(i))
+                files.write("default", "digdir:krr", numbered(i))
         finally:
             stop.touch()
         summary = json.loads(reader.stdout.readline())
@@ -323,8 +347,8 @@ def test_expired_files_are_removed(shm: Path) -> None:
     """remove_expired removes a token's files once `now` reaches its expiry and keeps the
     others, and returns what it removed."""
     files = TokenFiles(shm)
-    early, _ = files.write("a", token("x:early", at=1000))
-    late, _ = files.write("b", token("x:late", at=2000))
+    early, _ = files.write("a", "x:early", token("x:early", at=1000))
+    late, _ = files.write("b", "x:late", token("x:late", at=2000))
     assert files.remove_expired(999.9) == []
     assert files.remove_expired(1000) == [early, early.with_suffix(".json")]
     assert not early.exists() and not early.with_suffix(".json").exists()
@@ -334,7 +358,7 @@ def test_expired_files_are_removed(shm: Path) -> None:
 def test_files_of_an_earlier_run_are_removed(shm: Path) -> None:
     """A new writer (the agent restarted) removes the expired files the last one left, and a
     .jwt no .json vouches for, but nothing it did not name."""
-    TokenFiles(shm).write("default", token("x:old", at=1000))
+    TokenFiles(shm).write("default", "x:old", token("x:old", at=1000))
     profile = shm / "default"
     orphan = profile / "x_orphan.jwt"
     orphan.write_text("tok")
@@ -351,7 +375,7 @@ def test_files_of_an_earlier_run_are_removed(shm: Path) -> None:
 def test_remove(shm: Path) -> None:
     """remove deletes a scope set's two files, named by the set in any order; twice is fine."""
     files = TokenFiles(shm)
-    jwt, doc = files.write("p", token("a:x b:y"))
+    jwt, doc = files.write("p", "a:x b:y", token("a:x b:y"))
     files.remove("p", "b:y a:x")
     files.remove("p", "b:y a:x")
     assert not jwt.exists() and not doc.exists()
