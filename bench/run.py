@@ -29,7 +29,7 @@ INSIDE = "MPAGENT_BENCH_SETUP"  # set (to the venv's description) in the re-run 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--only", default="1,2,3,4,5,6", help="measurements to run (3 and 5 share a run)"
+        "--only", default="1,2,3,4,5,6,7", help="measurements to run (3 and 5 share a run)"
     )
     p.add_argument("--quick", action="store_true", help="short windows everywhere (~2 min)")
     p.add_argument("--runs", type=int, default=200, help="1: paired runs of get and python")
@@ -38,7 +38,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--installer-runs", type=int, default=200, help="6: paired runs per installer and verb"
     )
     p.add_argument("--clients", default="1,16,64", help="2: concurrency levels")
-    p.add_argument("--load-seconds", type=float, default=5.0, help="2: window per level")
+    p.add_argument("--load-seconds", type=float, default=5.0, help="2, 7: window per level")
+    p.add_argument(
+        "--http-clients", type=int, default=16, help="7: clients of the HTTP endpoint and socket"
+    )
     p.add_argument("--refresh-seconds", type=float, default=40.0, help="3/5: run length")
     p.add_argument("--refresh-keys", type=int, default=4, help="3/5: configured scopes")
     p.add_argument("--lifetime", type=int, default=4, help="3/5: emulator token lifetime (s)")
@@ -190,6 +193,18 @@ def inside(argv: list[str]) -> int:
         targets += t
     if 5 in only:
         text, t = table.envfile_section(results["3_5_refreshes"])
+        sections.append(text)
+        targets += t
+    if 7 in only:
+        import httpload
+
+        r = run(
+            7,
+            "HTTP endpoint beside the Unix socket",
+            lambda: httpload.measure(bin_dir, clients=args.http_clients, seconds=args.load_seconds),
+        )
+        results["7_http"] = r
+        text, t = table.http_section(r, args.load_seconds)
         sections.append(text)
         targets += t
     if 6 in only:

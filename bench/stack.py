@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -44,10 +45,22 @@ class IssueLog(logging.Handler):
             self.times[str(record.args[1])].append(record.created)
 
 
+def free_port() -> int:
+    """A loopback TCP port free just now (the agent binds it a moment later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class Stack:
-    def __init__(self, bin_dir: Path, scopes: list[str], *, lifetime: int) -> None:
+    def __init__(
+        self, bin_dir: Path, scopes: list[str], *, lifetime: int, http: bool = False
+    ) -> None:
+        """`http`: also serve the texas-compatible endpoint (`[http] listen`) on a free
+        loopback port, `self.http_listen`."""
         self.bin_dir, self.scopes, self.lifetime = bin_dir, scopes, lifetime
         self.agent: subprocess.Popen[bytes] | None = None
+        self.http_listen: tuple[str, int] | None = ("127.0.0.1", free_port()) if http else None
 
     def __enter__(self) -> Stack:
         self.dir = Path(tempfile.mkdtemp(prefix="mpb-"))  # short: the socket path is limited
@@ -72,8 +85,11 @@ class Stack:
         self.socket = run / "agent.sock"
         self.log_path = self.dir / "agent.log"
         scope_list = ", ".join(json.dumps(s) for s in self.scopes)
+        http = ""
+        if self.http_listen is not None:
+            http = f'[http]\nlisten = "{self.http_listen[0]}:{self.http_listen[1]}"\n\n'
         self.config.write_text(
-            f'[agent]\nenv_file = "{self.env_file}"\n\n[profiles.{PROFILE}]\n'
+            f'[agent]\nenv_file = "{self.env_file}"\n\n{http}[profiles.{PROFILE}]\n'
             f'environment = "{self.emulator.issuer}"\nclient_id = "{CLIENT_ID}"\n'
             f"scopes = [{scope_list}]\n"
             f'keystore = "{keystore}"\n',

@@ -62,37 +62,28 @@ def startup_section(r: dict, scope: str) -> tuple[str, list[list[str]]]:
     return text, targets
 
 
-def throughput_section(levels: list[dict], seconds: float) -> tuple[str, list[list[str]]]:
-    rows = [
-        [
-            str(r["clients"]),
-            f"{r['per_second']:,.0f}",
-            ms(r["p50_ms"]),
-            ms(r["p99_ms"]),
-            ms(r["max_ms"]),
-            str(r["errors"]),
-            f"{r['agent_cpu_pct']:.0f} %",
-            f"{1e4 * r['agent_cpu_pct'] * r['seconds'] / max(1, r['requests']):.0f} µs",
-            f"{r['machine_busy_pct']:.0f} %",
-        ]
-        for r in levels
+LOAD_HEADERS = ["p50", "p99", "max", "errors", "agent CPU (1 core)", "agent CPU/get"]
+LOAD_HEADERS += ["machine busy"]
+
+
+def _load_cells(r: dict) -> list[str]:
+    """One load level's figures after its rate: latencies, errors, CPU (measurements 2, 7)."""
+    return [
+        ms(r["p50_ms"]),
+        ms(r["p99_ms"]),
+        ms(r["max_ms"]),
+        str(r["errors"]),
+        f"{r['agent_cpu_pct']:.0f} %",
+        f"{1e4 * r['agent_cpu_pct'] * r['seconds'] / max(1, r['requests']):.0f} µs",
+        f"{r['machine_busy_pct']:.0f} %",
     ]
+
+
+def throughput_section(levels: list[dict], seconds: float) -> tuple[str, list[list[str]]]:
+    rows = [[str(r["clients"]), f"{r['per_second']:,.0f}", *_load_cells(r)] for r in levels]
     text = (
         f"2. agent throughput, cached get, new connection per request ({seconds:g} s per level)\n"
-        + grid(
-            [
-                "clients",
-                "get/s",
-                "p50",
-                "p99",
-                "max",
-                "errors",
-                "agent CPU (1 core)",
-                "agent CPU/get",
-                "machine busy",
-            ],
-            rows,
-        )
+        + grid(["clients", "get/s", *LOAD_HEADERS], rows)
     )
     targets = []
     for r in levels:
@@ -108,6 +99,32 @@ def throughput_section(levels: list[dict], seconds: float) -> tuple[str, list[li
                 ]
             )
     return text, targets
+
+
+def http_section(r: dict, seconds: float) -> tuple[str, list[list[str]]]:
+    """Measurement 7: the texas-compatible endpoint beside the Unix socket, one agent."""
+    unix, http = r["unix"], r["http"]
+    rows = [
+        ["Unix socket: mpagent/1 get", f"{unix['per_second']:,.0f}", *_load_cells(unix)],
+        ["HTTP: POST /api/v1/token", f"{http['per_second']:,.0f}", *_load_cells(http)],
+    ]
+    ratio = http["per_second"] / max(unix["per_second"], 1e-9)
+    text = (
+        f"7. texas-compatible HTTP endpoint beside the Unix socket ({http['clients']} clients, "
+        f"cached token, new connection per request, keep-alive off; {seconds:g} s each)\n"
+        + grid(["transport", "req/s", *LOAD_HEADERS[:5], "agent CPU/req", LOAD_HEADERS[6]], rows)
+        + f"\n  HTTP ÷ Unix socket: {ratio:.2f}x the throughput, p99 "
+        f"{http['p99_ms'] / max(unix['p99_ms'], 1e-9):.1f}x"
+    )
+    target = [
+        "7",
+        f"{http['clients']} clients: HTTP req/s, p99",
+        f"{http['per_second']:,.0f}/s, {ms(http['p99_ms'])} (socket {unix['per_second']:,.0f}/s,"
+        f" {ms(unix['p99_ms'])})",
+        "(no target)",
+        "-" if http["errors"] == 0 else f"{http['errors']} errors",
+    ]
+    return text, [target]
 
 
 def refresh_section(r: dict) -> tuple[str, list[list[str]]]:

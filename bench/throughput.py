@@ -14,8 +14,10 @@ import _socket
 import array
 import multiprocessing as mp
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from stack import Stack
 from sysinfo import cpu_seconds, machine_busy, median, percentile
@@ -25,27 +27,45 @@ WARMUP = 1.0  # seconds of unmeasured load before the window
 
 def client(path: str, request: bytes, start_at: float, stop_at: float, out: Connection) -> None:
     """One client process. Sends back (latencies in seconds, error count) for the window."""
+    run_client(_unix_get, path, request, start_at, stop_at, out)
+
+
+def _unix_get(path: str, request: bytes) -> bool:
+    """One `get` over a new Unix-socket connection: the reply line starts with "ok "."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        sock.sendall(request)
+        reply = sock.recv(65536)
+        while reply and not reply.endswith(b"\n"):
+            more = sock.recv(65536)
+            if not more:
+                break
+            reply += more
+        return reply.startswith(b"ok ")
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def run_client(
+    once: Callable[[Any, bytes], bool],
+    address: Any,
+    request: bytes,
+    start_at: float,
+    stop_at: float,
+    out: Connection,
+) -> None:
+    """The loop of one client process: `once(address, request)` until `stop_at`; sends back
+    (latencies in seconds, error count) of the requests that ended inside the window."""
     latencies = array.array("d")
     errors = 0
     while True:
         t0 = time.perf_counter()
         if t0 >= stop_at:
             break
-        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        try:
-            sock.connect(path)
-            sock.sendall(request)
-            reply = sock.recv(65536)
-            while reply and not reply.endswith(b"\n"):
-                more = sock.recv(65536)
-                if not more:
-                    break
-                reply += more
-            ok = reply.startswith(b"ok ")
-        except OSError:
-            ok = False
-        finally:
-            sock.close()
+        ok = once(address, request)
         t1 = time.perf_counter()
         if start_at <= t1 < stop_at:
             if ok:
@@ -57,15 +77,26 @@ def client(path: str, request: bytes, start_at: float, stop_at: float, out: Conn
     out.close()
 
 
-def level(socket_path: str, scope: str, clients: int, seconds: float, agent_pid: int) -> dict:
-    request = f"mpagent/1 get scope={scope}\n".encode()
+def level(
+    socket_path: Any,
+    scope: str,
+    clients: int,
+    seconds: float,
+    agent_pid: int,
+    *,
+    worker: Callable[..., None] = client,
+    request: bytes | None = None,
+) -> dict:
+    """`clients` processes running `worker(address, request, ...)` at once (default: the
+    Unix-socket `get` of `scope`), measured over `seconds` after the warm-up."""
+    request = request or f"mpagent/1 get scope={scope}\n".encode()
     ctx = mp.get_context("fork")
     start_at = time.perf_counter() + WARMUP + 0.2 + 0.01 * clients  # after every fork is done
     stop_at = start_at + seconds
     procs, pipes = [], []
     for _ in range(clients):
         receive, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=client, args=(socket_path, request, start_at, stop_at, send))
+        p = ctx.Process(target=worker, args=(socket_path, request, start_at, stop_at, send))
         p.start()
         send.close()
         procs.append(p)

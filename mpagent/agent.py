@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,13 +29,18 @@ from mpagent.keys import certificate_warning
 from mpagent.keywatch import KeyWatch
 from mpagent.passwords import ProfilePasswords
 from mpagent.private import ensure_private_dir, remove_leftovers, try_lock, write_atomic
-from mpagent.refresher import Customer, Refresher, Source, customer
-from mpagent.tokens import scope_string
+from mpagent.refresher import Customer, Entry, Refresher, Source, customer
+from mpagent.tokenfiles import TokenFilesWriter
+from mpagent.tokens import Token, scope_string
 
 log = logging.getLogger("mpagent")
 
 RELOAD_DEBOUNCE = 0.3
-DRAIN_TIMEOUT = 10.0
+# At SIGTERM, requests in flight get this long; a refresh still hanging on a slow issuer is
+# then abandoned: a container runtime kills after 10 s (Docker) or 30 s (Kubernetes), and the
+# agent must be gone within 5 s of SIGTERM (run()).
+DRAIN_TIMEOUT = 3.0
+FILES_RETRY = 5.0  # seconds before token files that failed to be written are tried again
 
 
 @dataclass
@@ -53,18 +59,19 @@ def load_sources(
     interactive: bool = False,
     previous: dict[str, Source] | None = None,
     unlocked: dict[str, dict[str, str]] | None = None,
+    server: bool = False,
 ) -> Loaded:
     """Open every profile's key; each profile fails alone. On a reload (`previous`), a
     profile that worked keeps its previous source when its new version cannot be used: an
     edit that breaks prod never costs prod's tokens. `unlocked`: the passwords `mpagent
-    unlock` handed over, by profile."""
+    unlock` handed over, by profile. `server` (server mode): no keyring, no prompt."""
     out = Loaded()
     for name in cfg.names:
         passwords = None
         try:
             profile = cfg.profile(name)
             passwords = ProfilePasswords.for_profile(
-                profile, unlocked=(unlocked or {}).get(name), interactive=interactive
+                profile, unlocked=(unlocked or {}).get(name), interactive=interactive, server=server
             )
             out.sources[name] = Source(profile, exchange=open_exchange(cfg, profile, passwords))
             source = passwords.source("keystore")
@@ -93,9 +100,15 @@ def load_sources(
 
 class Agent:
     def __init__(
-        self, cfg: Config, config_path: str | None, *, clock: Callable[[], float] = time.time
+        self,
+        cfg: Config,
+        config_path: str | None,
+        *,
+        clock: Callable[[], float] = time.time,
+        server_mode: bool = False,
     ) -> None:
         self.cfg, self.config_path, self.clock = cfg, config_path, clock
+        self.server_mode = server_mode  # no keyring, no prompt: fixed at start
         self.socket_path = Path(paths.socket_path())
         self.env_path = cfg.agent.env_file or Path(paths.default_env_file())
         self.started = clock()
@@ -104,6 +117,7 @@ class Agent:
         self.passwords: dict[str, str] = {}
         self.unlocked: dict[str, dict[str, str]] = {}  # `mpagent unlock`: memory only
         self.bridge: Any = None  # set by _start_bridge; a client may ask for a reload before
+        self.http: Any = None  # the texas-compatible endpoint, set by _start_http
         self._unwarned: set[str] = set()  # profiles whose key warnings no `get` has carried yet
         self.stopping = asyncio.Event()
         self.fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mpagent-fetch")
@@ -111,7 +125,7 @@ class Agent:
         self.refresher = Refresher(
             self.fetch_pool,
             idle_timeout=cfg.agent.idle_timeout,
-            on_change=self._env_changed,
+            on_change=self._changed,
             clock=clock,
         )
         self.keywatch = KeyWatch(self.refresher, clock=clock)  # registered keys' expiry
@@ -119,6 +133,10 @@ class Agent:
         self.env_error: str | None = None  # the last env-file write failure, for `status`
         self._env_task: asyncio.Task[None] | None = None
         self._env_dirty = False
+        self.token_files = TokenFilesWriter()  # [files]: written on the io thread
+        self._files_task: asyncio.Task[None] | None = None
+        self._files_dirty = False
+        self._files_retry: asyncio.TimerHandle | None = None
         self._reload_handle: asyncio.TimerHandle | None = None
         self._watcher: Any = None
 
@@ -130,10 +148,15 @@ class Agent:
         try:
             listener = self._open_listener()
             await loop.run_in_executor(self.io, self._prepare_env_file)
+            server_mode = self.server_mode
             loaded = await loop.run_in_executor(
-                self.io, lambda: load_sources(self.cfg, interactive=os.isatty(0))
+                self.io,
+                lambda: load_sources(
+                    self.cfg, interactive=os.isatty(0) and not server_mode, server=server_mode
+                ),
             )
             self._adopt(self.cfg, loaded)
+            http_server = await self._start_http()  # listening once clients see the agent
             await listener.start(self.handle)
             bridge_server = await self._start_bridge()
             self._install_signals(loop)
@@ -150,12 +173,14 @@ class Agent:
             listener.close()
             if bridge_server is not None:
                 bridge_server.close()
+            http_server.close()
             await self._drain(listener)
             scheduler.cancel()
             key_checks.cancel()
             await self._finish_env()
             with contextlib.suppress(FileNotFoundError):
                 self.env_path.unlink()
+            await self._finish_files()
             return 0
         finally:
             if self._watcher is not None:
@@ -197,6 +222,21 @@ class Agent:
             log.error("the token bridge is off: %s", exc)
             self.bridge = bridge.Off(self.cfg.bridge.listen, exc.message)  # `status` says why
         return self.bridge
+
+    async def _start_http(self) -> Any:
+        """The texas-compatible endpoint ([http] listen): its address applies at start, who
+        may call it (allow_uids, allow_any_local) at every reload (`self.http.reread`)."""
+        from mpagent import httpapi
+
+        self.http = httpapi.Off()
+        if self.cfg.http.listen is None:
+            return self.http
+        try:
+            self.http = await httpapi.start(self.cfg.http, self.refresher, clock=self.clock)
+        except MpagentError as exc:  # e.g. the port is taken: the socket still serves
+            log.error("the texas-compatible endpoint is off: %s", exc)
+            self.http = httpapi.Off(self.cfg.http.listen, exc.message)  # `status` says why
+        return self.http
 
     def _lock(self) -> int:
         """Single instance per socket: a lock held for the agent's life."""
@@ -389,6 +429,8 @@ class Agent:
             },
             "tokens": self.refresher.status(),
             "bridge": self.bridge.status() if self.bridge is not None else None,
+            "http": self.http.status() if self.http is not None else None,
+            "files": self.token_files.status(),
             **self.keywatch.status(),  # registered_keys, key_warnings
         }
 
@@ -426,12 +468,17 @@ class Agent:
         previous = {n: s for n, s in self.refresher.sources.items() if n not in (forget or ())}
         unlocked = dict(self.unlocked)
         loaded = await loop.run_in_executor(
-            self.io, lambda: load_sources(cfg, previous=previous, unlocked=unlocked)
+            self.io,
+            lambda: load_sources(
+                cfg, previous=previous, unlocked=unlocked, server=self.server_mode
+            ),
         )
         self._adopt(cfg, loaded)
         self._watch()
         if self.bridge is not None:
             await self.bridge.reread(cfg.bridge)
+        if self.http is not None:
+            self.http.reread(cfg.http)
         log.info("reloaded" + (f"; unusable: {', '.join(self.problems)}" if self.problems else ""))
 
     def _adopt(self, cfg: Config, loaded: Loaded) -> None:
@@ -509,17 +556,72 @@ class Agent:
             await self._env_task
 
     def _env_tokens(self) -> list[tuple[str, str, float]]:
-        now = self.clock()
         default = self.cfg.default_name
         out: list[tuple[str, str, float]] = []
-        for entry in self.refresher.entries.values():
-            token, profile = entry.token, entry.source.profile
-            if entry.pinned and token is not None and token.expires_at > now:
-                names = envfile.variable_names(
-                    profile.name, entry.key.scope, profile.env_names, short=profile.name == default
-                )
-                out.extend((name, token.access_token, token.expires_at) for name in names)
+        for entry, token in self._kept_tokens():
+            profile = entry.source.profile
+            names = envfile.variable_names(
+                profile.name, entry.key.scope, profile.env_names, short=profile.name == default
+            )
+            out.extend((name, token.access_token, token.expires_at) for name in names)
         return out
+
+    def _kept_tokens(self) -> list[tuple[Entry, Token]]:
+        """What the env file and the token files hold: each configured (pinned) scope set's
+        token while it has not expired."""
+        now = self.clock()
+        return [
+            (entry, entry.token)
+            for entry in self.refresher.entries.values()
+            if entry.pinned and entry.token is not None and entry.token.expires_at > now
+        ]
+
+    # -- token files ([files], tokenfiles.py) -------------------------------------------
+
+    def _changed(self) -> None:
+        """The refresher's on_change: a token came, was replaced, expired or was dropped."""
+        self._env_changed()
+        self._files_changed()
+
+    def _files_changed(self) -> None:
+        writer = self.token_files
+        if writer.closed or (self.cfg.files.dir is None and writer.status() is None):
+            return  # stopping, or no [files] now and none before
+        self._files_dirty = True
+        if self._files_task is None or self._files_task.done():
+            self._files_task = asyncio.get_running_loop().create_task(self._write_files())
+
+    async def _write_files(self) -> None:
+        """As _write_env: changes coalesced, the files written on the io thread (the first
+        write of a directory after clearing what an earlier run left); a failure is tried
+        again after FILES_RETRY s."""
+        loop = asyncio.get_running_loop()
+        while self._files_dirty:
+            self._files_dirty = False
+            files = self.cfg.files
+            wanted = {(e.key.profile, e.key.scope): token for e, token in self._kept_tokens()}
+            args = (files.dir, files.file_mode, files.group, wanted, self.clock())
+            try:
+                done = await loop.run_in_executor(self.io, self.token_files.sync, *args)
+            except Exception as exc:  # a bug: said, and retried; its type only (tokens)
+                log.error("cannot write the token files: unexpected %s", type(exc).__name__)
+                self.token_files.error = f"unexpected {type(exc).__name__}"
+                done = False
+            if not done and self._files_retry is None:
+                self._files_retry = loop.call_later(FILES_RETRY, self._retry_files)
+
+    def _retry_files(self) -> None:
+        self._files_retry = None
+        self._files_changed()
+
+    async def _finish_files(self) -> None:
+        """At stop: no more writes, the one under way ends, then this agent's files go."""
+        self.token_files.closed = True
+        if self._files_retry is not None:
+            self._files_retry.cancel()
+        if self._files_task is not None:
+            await self._files_task
+        await asyncio.get_running_loop().run_in_executor(self.io, self.token_files.close)
 
 
 def _float(value: str | None, name: str) -> float | None:
@@ -534,17 +636,46 @@ def _float(value: str | None, name: str) -> float | None:
     return number
 
 
-def run(config_path: str | None) -> int:
-    """`mpagent agent`: load the configuration (exit 78 if it is wrong), then serve."""
+def run(config_path: str | None, *, foreground_only: bool = False) -> int:
+    """`mpagent agent`: load the configuration (exit 78 if it is wrong), then serve.
+    Server mode (`foreground_only`, or [agent] mode = "server"; CI, containers): no keyring,
+    no prompt, JSON log lines on stdout unless log_format = "text", and gone within 5 s of
+    SIGTERM even while a refresh hangs. (Clients of a configuration with mode = "server" never
+    start an agent: autostart.py.)"""
     try:
         cfg = config.load(config_path)
     except ConfigError as exc:
         systemd.refuse_queued_clients(exc)
         raise
+    server_mode = foreground_only or cfg.agent.mode == "server"
+    log_format = cfg.agent.log_format or ("json" if server_mode else "text")
     logs.setup(
         os.environ.get("MPAGENT_LOG_LEVEL", cfg.agent.log_level),
         journal=bool(os.environ.get("JOURNAL_STREAM")),
+        json_lines=log_format == "json",
     )
+    if server_mode:
+        log.info(
+            "server mode (%s): no keyring, no prompt; config %s",
+            "--foreground-only" if foreground_only else '[agent] mode = "server"',
+            cfg.path,
+        )
     limit = server.raise_open_files_limit()
     log.debug("open-files limit %d, so at most %d clients", limit, server.connection_cap(limit))
-    return asyncio.run(Agent(cfg, config_path).run())
+    status = asyncio.run(Agent(cfg, config_path, server_mode=server_mode).run())
+    _exit_now_if_stuck(status)
+    return status
+
+
+def _exit_now_if_stuck(status: int) -> None:
+    """A fetch still hanging on a slow issuer (or a password_command) would hold the exit
+    until its read timeout: Python joins worker threads at exit. Its result is not wanted
+    any more, so the process ends here, its log flushed."""
+    stuck = [
+        t.name for t in threading.enumerate() if t.name.startswith("mpagent-") and t.is_alive()
+    ]
+    if stuck:
+        log.info("stopped; not waiting for %d unfinished request(s) to the issuer", len(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(status)

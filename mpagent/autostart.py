@@ -3,7 +3,10 @@ simultaneous `mpagent get`s start exactly one, with a bounded wait for it to ans
 
 The agent runs detached (its own session, no terminal), logging to the state directory.
 When `mpagent service install` has set up a service, the service manager is the one owner
-of start-up and this module never spawns: two owners could race to two agents.
+of start-up and this module never spawns: two owners could race to two agents. Nor for a
+configuration with [agent] mode = "server": there the container or CI job owns the agent
+(`mpagent agent --foreground-only`), and one started behind its back, detached, would
+outlive the job and log where no collector looks.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def ensure_agent(socket_path: str, config_path: str | None, timeout: float = STA
     if manager is not None:
         _wait_for_service(manager, socket_path, time.monotonic() + timeout)
         return
+    _refuse_in_server_mode(socket_path, config_path)
     lock_path = Path(paths.start_lock_file())
     private.ensure_private_dir(lock_path.parent)
     deadline = time.monotonic() + timeout
@@ -53,6 +57,22 @@ def ensure_agent(socket_path: str, config_path: str | None, timeout: float = STA
         _spawn_and_wait(socket_path, config_path, deadline)
     finally:
         os.close(lock)
+
+
+def _refuse_in_server_mode(socket_path: str, config_path: str | None) -> None:
+    from mpagent import config
+
+    try:
+        mode = config.load(config_path).agent.mode
+    except ConfigError:
+        return  # the agent started below says what is wrong, as it always has
+    if mode == "server":
+        raise AgentNotRunning(
+            f"no agent is running on {socket_path}, and this configuration's agent runs in "
+            '[agent] mode = "server", which clients do not start: start it with `mpagent '
+            "agent --foreground-only` (the container's or job's own process), or use "
+            "`mpagent get --no-agent` / `mpagent exec --no-agent`"
+        )
 
 
 def _wait_for_service(manager: service.Manager, socket_path: str, deadline: float) -> None:

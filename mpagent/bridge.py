@@ -3,7 +3,8 @@ in front of the agent's cache, for HTTP tools that cannot sign Maskinporten's gr
 httpyac, ...): client_id is a profile name, client_secret the bridge secret. PRIOR-ART lesson
 12: loopback bind only; secret compared in constant time; Host must be a loopback name (DNS
 rebinding); browsers (Origin, Sec-Fetch-*) refused; head, body, read time and connections
-capped, so no client can hurt the agent. One request per connection; logs show fingerprints.
+capped, so no client can hurt the agent (the HTTP itself: loopback.py, shared with the
+texas-compatible endpoint). One request per connection; logs show fingerprints.
 The listen address applies when the agent starts; the secret is read again on every reload,
 so `mpagent bridge secret --rotate` takes effect without a restart.
 
@@ -25,15 +26,13 @@ import http.client
 import json
 import logging
 import os
-import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit
+from urllib.parse import unquote_plus, urlencode
 
 import platformdirs
 
@@ -43,6 +42,18 @@ from mpagent.config import BridgeSettings
 from mpagent.errors import ConfigError, IssuerRejected, IssuerUnavailable, MpagentError
 from mpagent.errors import SecretUnavailable as NoKeyring
 from mpagent.logs import RateLimit
+from mpagent.loopback import (
+    MAX_BODY,
+    MAX_HEAD,
+    READ_TIMEOUT,
+    Refusal,
+    Request,
+    Slots,  # noqa: F401 - bridge.Slots: tests/reliability/test_local_attacker.py uses it
+    ascii_description,
+    listen_text,
+    render,
+)
+from mpagent.loopserver import LoopbackServer
 from mpagent.passwords import SERVICE
 from mpagent.peers import PEER_CHECK, describe, holder, peer
 from mpagent.private import read_regular, write_atomic
@@ -55,21 +66,14 @@ log = logging.getLogger(__name__)
 peer_log = logging.getLogger(f"{__name__}.peers")
 peer_log.addFilter(RateLimit(burst=1))
 
-MAX_HEAD, MAX_BODY, READ_TIMEOUT, MAX_CLIENTS = 16 * 1024, 64 * 1024, 10.0, 64
-EARLY_IDLE = 2.0  # near the cap, a connection with no request head after this long is closed
 KEYRING_USER = "bridge"
 KEYRING_PLACE = f'the OS keyring (service "{SERVICE}", username "{KEYRING_USER}")'
 HINT = "run `mpagent bridge secret`: it makes one if there is none, and a running agent takes it"
 NO_SECRET = f"the agent has no usable bridge secret (see its log); {HINT}"
 WRONG_SECRET = "wrong client_secret; `mpagent bridge secret` shows the current one"  # noqa: S105
 PROBE_CLIENT = "mpagent-secret-check"
-_FIXED_HEADERS = (
-    "Content-Type: application/json;charset=UTF-8\r\nCache-Control: no-store\r\n"
-    "Pragma: no-cache\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n"
-)
-_STATUS_HEADERS = {401: 'WWW-Authenticate: Basic realm="mpagent"\r\n', 405: "Allow: POST\r\n"}
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_SINGLE = {"host", "content-length", "content-type", "authorization", "transfer-encoding"}
+ROUTES = {"/token": "POST"}
+_UNAUTHORIZED = {"WWW-Authenticate": 'Basic realm="mpagent"'}
 
 
 async def start(
@@ -158,46 +162,25 @@ def accepts(listen: tuple[str, int], secret: str, timeout: float = 5.0) -> bool:
         description = json.loads(body).get("error_description")
     except (ValueError, AttributeError):
         raise OSError("not the token bridge: its answer is not JSON") from None
-    return description not in (_ascii(WRONG_SECRET), _ascii(NO_SECRET))
+    return description not in (ascii_description(WRONG_SECRET), ascii_description(NO_SECRET))
 
 
 def token_url(listen: tuple[str, int]) -> str:
     return f"http://{listen_text(listen)}/token"
 
 
-def listen_text(listen: tuple[str, int]) -> str:
-    host, port = listen
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+class Bridge(LoopbackServer):
+    """Serves connections (loopserver); `refresher` is the agent's (sources, cached(), get())."""
 
-
-class Refusal(Exception):
-    """An answer other than a token: RFC 6749 §5.2 JSON, raised where the request fails."""
-
-    def __init__(self, description: str, status: int = 400, error: str | None = None):
-        super().__init__(_ascii(description))
-        self.status = status
-        self.error = error or ("invalid_client" if status == 401 else "invalid_request")
-
-
-def render(status: int, document: dict[str, Any]) -> bytes:
-    body = json.dumps(document).encode()
-    start = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n{_FIXED_HEADERS}"
-    extra = _STATUS_HEADERS.get(status, "")
-    return f"{start}{extra}Content-Length: {len(body)}\r\n\r\n".encode("latin-1") + body
-
-
-class Bridge:
-    """Serves connections; `refresher` is the agent's (sources, cached(), get())."""
+    name, log, peer_log = "bridge", log, peer_log
+    routes, example = ROUTES, "http://127.0.0.1:PORT/token"
 
     def __init__(
         self, refresher: Any, settings: BridgeSettings, io: Executor, read_timeout: float
     ) -> None:
+        super().__init__(read_timeout)
         self.refresher, self.settings, self.io = refresher, settings, io
-        self.read_timeout, self.slots = read_timeout, Slots()
-        self.uid = os.getuid() if PEER_CHECK else None
-        self.refused: dict[int | None, int] = {}  # connections of other users, by uid
         self._secret: bytes | None = None
-        self.server: asyncio.AbstractServer | None = None
 
     def status(self) -> dict[str, Any]:
         check = f"on: only uid {self.uid} is answered (each peer's uid asked of the kernel)"
@@ -231,80 +214,14 @@ class Bridge:
         elif self._secret is not None:
             log.error("bridge: the previous secret keeps working until one can be read")
 
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+    def refusal_headers(self, refusal: Refusal) -> Mapping[str, str]:
+        return {**refusal.headers, **(_UNAUTHORIZED if refusal.status == 401 else {})}
 
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        address = ":".join(map(str, (writer.get_extra_info("peername") or ("?", "?"))[:2]))
-        slot = self._admit(writer, address)
-        if slot is None:  # another user's, or no room: closed before a byte is read
-            writer.transport.abort()
-            return
-        try:
-            reply = await self._reply(reader, address, slot)
-            if not slot.closed:
-                writer.write(reply)
-                await asyncio.wait_for(writer.drain(), self.read_timeout)
-        except (ConnectionError, TimeoutError) as exc:
-            log.debug("bridge: %s went away: %s", address, type(exc).__name__)
-        except Exception:  # connection boundary: a bug here must not reach the agent
-            log.exception("bridge: unexpected error serving %s", address)
-        finally:
-            self.slots.release(slot)
-            writer.close()  # the reply is small: the kernel takes it even from a peer not reading
-
-    def _admit(self, writer: asyncio.StreamWriter, address: str) -> Slot | None:
-        """A slot for a connection of the agent's user (of anyone, where the platform cannot
-        tell), or None; each kind of refusal logged once a minute at most."""
-        uid = None  # where the platform cannot tell, all peers share one count
-        if PEER_CHECK:
-            here, there = writer.get_extra_info("sockname"), writer.get_extra_info("peername")
-            found = peer(here, there) if here and there else None
-            uid = found.uid if found else None
-            if uid != self.uid:
-                self.refused[uid] = self.refused.get(uid, 0) + 1
-                who = "a peer whose uid cannot be found" if uid is None else f"uid {uid}"
-                peer_log.warning(
-                    "bridge: refused a connection from %s; it answers only uid %s, the "
-                    "agent's user",
-                    who,
-                    self.uid,
-                )
-                return None
-        slot = self.slots.admit(uid, time.monotonic(), writer.transport.abort)
-        if slot is None:
-            peer_log.warning("bridge: %d connections busy; dropping %s", MAX_CLIENTS, address)
-        return slot
-
-    async def _reply(self, reader: asyncio.StreamReader, address: str, slot: Slot) -> bytes:
-        try:
-            return await self._answer(await self._read(reader, slot))
-        except Refusal as refusal:
-            if not slot.closed:  # closed to make room: it hears nothing, nor does the log
-                log.info("bridge: %d %s to %s: %s", refusal.status, refusal.error, address, refusal)
-            error = {"error": refusal.error, "error_description": str(refusal)}
-            return render(refusal.status, error)
-
-    async def _read(self, reader: asyncio.StreamReader, slot: Slot) -> Request:
-        try:
-            async with asyncio.timeout(self.read_timeout):
-                request = Request(await reader.readuntil(b"\r\n\r\n"))
-                slot.idle = False
-                request.body = await reader.readexactly(request.screen())
-                return request
-        except asyncio.LimitOverrunError:
-            raise Refusal(f"request line and headers exceed {MAX_HEAD} bytes", 431) from None
-        except asyncio.IncompleteReadError:
-            raise Refusal("the request ended early") from None
-        except TimeoutError:
-            raise Refusal(f"no complete request within {self.read_timeout:g} s", 408) from None
-
-    async def _answer(self, request: Request) -> bytes:
+    async def answer(self, request: Request) -> bytes:
         if self._secret is None:
             raise Refusal(NO_SECRET, 401)
         form = request.form()
-        client_id, secret = request.credentials(form)
+        client_id, secret = credentials(request, form)
         if not hmac.compare_digest(secret.encode(), self._secret):
             raise Refusal(WRONG_SECRET, 401)
         names = [*self.refresher.sources, *self.refresher.unusable]
@@ -357,154 +274,27 @@ class Bridge:
         return scope.split()
 
 
-class Request:
-    """One request, parsed from its head (up to CRLF CRLF); every check raises Refusal."""
-
-    def __init__(self, head: bytes) -> None:
-        lines = head.decode("latin-1").split("\r\n")[:-2]
-        parts = lines[0].split(" ") if lines else []
-        if len(parts) != 3 or parts[2] not in ("HTTP/1.1", "HTTP/1.0") or parts[1][:1] != "/":
-            raise Refusal("not an HTTP/1.1 request line")
-        self.method, target, self.body = parts[0], urlsplit(parts[1]), b""
-        self.path, self.query = target.path, target.query
-        self.headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            key, value = name.lower(), value.strip(" \t")
-            if not colon or not _HEADER_NAME.fullmatch(name) or "\x00" in value:
-                raise Refusal("a malformed header line")
-            if key in self.headers and key in _SINGLE:
-                raise Refusal(f"{name} appears twice")
-            self.headers[key] = f"{self.headers[key]}, {value}" if key in self.headers else value
-
-    def screen(self) -> int:
-        """Everything checked before reading the body; returns the body's length."""
-        headers = self.headers
-        if "origin" in headers or any(name.startswith("sec-fetch-") for name in headers):
-            raise Refusal("requests from web browsers are refused", 403)
-        if not loopback_host(headers.get("host", "")):
-            raise Refusal("Host must be a loopback name; use http://127.0.0.1:PORT/token", 421)
-        if self.path != "/token":
-            raise Refusal("the token endpoint is POST /token", 404)
-        if self.method != "POST":
-            raise Refusal("the token endpoint takes POST", 405)
-        if self.query:
-            raise Refusal("send the parameters in the body, not in the URL")
-        length = headers.get("content-length")
-        if "transfer-encoding" in headers or length is None:
-            raise Refusal("send the body with a Content-Length", 411)
-        if not (length.isascii() and length.isdigit()):
-            raise Refusal("Content-Length is not a number")
-        if int(length) > MAX_BODY:
-            raise Refusal(f"the body exceeds {MAX_BODY} bytes", 413)
-        return int(length)
-
-    def form(self) -> dict[str, str]:
-        media_type = self.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type != "application/x-www-form-urlencoded":
-            raise Refusal("send the parameters as application/x-www-form-urlencoded")
-        try:
-            text = self.body.decode()
-            pairs = parse_qsl(text, keep_blank_values=True, errors="strict", max_num_fields=32)
-        except ValueError:  # UnicodeDecodeError included
-            raise Refusal("the body is not a UTF-8 form of at most 32 fields") from None
-        if len(dict(pairs)) != len(pairs):
-            raise Refusal("a parameter appears twice")
-        return dict(pairs)
-
-    def credentials(self, form: dict[str, str]) -> tuple[str, str]:
-        """(client_id, client_secret) from HTTP Basic (RFC 6749 §2.3.1) or the form."""
-        authorization = self.headers.get("authorization")
-        if authorization is None:
-            if not form.get("client_id") or "client_secret" not in form:
-                raise Refusal("authenticate: HTTP Basic, or client_id and client_secret", 401)
-            return form["client_id"], form["client_secret"]
-        scheme, _, encoded = authorization.strip().partition(" ")
-        try:
-            decoded = base64.b64decode(encoded.strip(), validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
-            decoded = ""
-        user, colon, secret = decoded.partition(":")
-        if scheme.lower() != "basic" or not colon:
-            raise Refusal("the Authorization header is not HTTP Basic client credentials", 401)
-        client_id, secret = unquote_plus(user), unquote_plus(secret)
-        # Some tools repeat the credentials in the form; they must then agree.
-        repeated = form.get("client_id", client_id), form.get("client_secret", secret)
-        if repeated != (client_id, secret):
-            raise Refusal("HTTP Basic and the form name different client credentials")
-        return client_id, secret
-
-
-def loopback_host(value: str) -> bool:
-    """Host: localhost, 127.x.y.z or [::1], optional port: names no DNS answer can move."""
+def credentials(request: Request, form: dict[str, str]) -> tuple[str, str]:
+    """(client_id, client_secret) from HTTP Basic (RFC 6749 §2.3.1) or the form."""
+    authorization = request.headers.get("authorization")
+    if authorization is None:
+        if not form.get("client_id") or "client_secret" not in form:
+            raise Refusal("authenticate: HTTP Basic, or client_id and client_secret", 401)
+        return form["client_id"], form["client_secret"]
+    scheme, _, encoded = authorization.strip().partition(" ")
     try:
-        parts = urlsplit("//" + value)
-        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
-    except ValueError:
-        return False
-    if parts.netloc != value or "@" in value or parts.hostname is None:
-        return False
-    bracketed = value.startswith("[")
-    return bracketed == (":" in parts.hostname) and is_loopback(parts.hostname)
-
-
-def _ascii(text: str) -> str:
-    """RFC 6749 §5.2 allows only printable ASCII except '"' and '\\' in error_description."""
-    text = text.replace("\u2014", "-").replace('"', "'").replace("\\", "/")
-    return "".join(c if " " <= c <= "~" else "?" for c in text)
-
-
-# -- connections per peer uid
-
-
-@dataclass(eq=False)
-class Slot:
-    """One connection's place: idle until its request head is complete."""
-
-    uid: int | None
-    opened: float
-    close: Callable[[], None]
-    idle: bool = True
-    closed: bool = False  # by Slots, to make room: it gets no answer
-
-
-class Slots:
-    """At most `cap` connections per peer uid. From three quarters of the cap on, connections
-    with no complete request head after `early` s are closed, and at the cap the oldest idle
-    one makes room for the new one: connections held open and idle (by a stuck tool, or by
-    another user where the platform cannot tell users apart) never lock out a request."""
-
-    def __init__(self, cap: int = MAX_CLIENTS, early: float = EARLY_IDLE) -> None:
-        self.cap, self.near, self.early = cap, cap * 3 // 4, early
-        self.by_uid: dict[int | None, list[Slot]] = {}  # each in the order they came
-
-    def count(self, uid: int | None) -> int:
-        return len(self.by_uid.get(uid, ()))
-
-    def admit(self, uid: int | None, now: float, close: Callable[[], None]) -> Slot | None:
-        """A slot for a new connection (`close` ends it), or None: all are busy."""
-        slots = self.by_uid.setdefault(uid, [])
-        if len(slots) >= self.near:
-            for slot in [s for s in slots if s.idle and now - s.opened >= self.early]:
-                self._close(slot)
-        if len(slots) >= self.cap:
-            oldest_idle = next((s for s in slots if s.idle), None)
-            if oldest_idle is None:
-                return None
-            self._close(oldest_idle)
-        slot = Slot(uid, now, close)
-        slots.append(slot)
-        return slot
-
-    def release(self, slot: Slot) -> None:
-        slots = self.by_uid.get(slot.uid, [])
-        if slot in slots:
-            slots.remove(slot)
-
-    def _close(self, slot: Slot) -> None:
-        self.release(slot)
-        slot.closed = True
-        slot.close()
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        decoded = ""
+    user, colon, secret = decoded.partition(":")
+    if scheme.lower() != "basic" or not colon:
+        raise Refusal("the Authorization header is not HTTP Basic client credentials", 401)
+    client_id, secret = unquote_plus(user), unquote_plus(secret)
+    # Some tools repeat the credentials in the form; they must then agree.
+    repeated = form.get("client_id", client_id), form.get("client_secret", secret)
+    if repeated != (client_id, secret):
+        raise Refusal("HTTP Basic and the form name different client credentials")
+    return client_id, secret
 
 
 class SecretStore:

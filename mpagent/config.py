@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import shlex
 import tomllib
 from collections.abc import Collection, Mapping
@@ -14,13 +15,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from mpagent import altinn, envfile, paths
+from mpagent import altinn, envfile, paths, tokenfiles
 from mpagent.altinn import is_loopback
 from mpagent.errors import ConfigError
 from mpagent.private import read_regular
 from mpagent.tokens import scope_string
 
-ENVIRONMENTS = {"test": "https://test.maskinporten.no/", "prod": "https://maskinporten.no/"}
+# The issuers, exactly as the grant's `aud` must be: Maskinporten's end in a slash, Digdir's
+# Skyporten issuers (for cloud workload-identity federation) have none (MASKINPORTEN.md §1, §7;
+# Digdir's Skyporten pages show "issuer":"https://test.sky.maskinporten.no").
+ENVIRONMENTS = {
+    "test": "https://test.maskinporten.no/",
+    "prod": "https://maskinporten.no/",
+    "sky-test": "https://test.sky.maskinporten.no",
+    "sky": "https://sky.maskinporten.no",
+}
 ALGORITHMS = ("RS256", "RS384", "RS512")
 KEYSTORE_TYPES = ("jks", "pkcs12", "pem", "jwk")
 OPTIONAL_CLAIMS = ("resource", "consumer_org", "pid", "iss_onbehalfof", "authorization_details")
@@ -36,6 +45,7 @@ PROFILE_KEYS = (
     "algorithm",
     "env_names",
     "password_command",
+    "password_file",
     "key_password_command",
     "admin_profile",
     "admin_api",
@@ -46,10 +56,15 @@ PROFILE_KEYS = (
     "systemuser_ref",
     *OPTIONAL_CLAIMS,
 )
-AGENT_KEYS = ("env_file", "idle_timeout", "log_level")
-HTTP_KEYS = ("connect_timeout", "read_timeout")
+AGENT_KEYS = ("env_file", "idle_timeout", "log_level", "mode", "log_format")
+AGENT_MODES = ("user", "server")
+LOG_FORMATS = ("text", "json")
+# The keystore itself, base64, when `keystore` is not set (a CI secret): per profile first.
+KEYSTORE_B64_ENV = "MPAGENT_KEYSTORE_B64"
+HTTP_KEYS = ("connect_timeout", "read_timeout", "listen", "allow_uids", "allow_any_local")
 BRIDGE_KEYS = ("listen", "secret_file")
-TOP_KEYS = ("default_profile", "profiles", "agent", "http", "bridge")
+FILES_KEYS = ("dir", "file_mode", "group")
+TOP_KEYS = ("default_profile", "profiles", "agent", "http", "bridge", "files")
 
 
 @dataclass(frozen=True)
@@ -58,7 +73,8 @@ class Profile:
     environment: str
     client_id: str
     scopes: tuple[str, ...]
-    # None only with admin_profile: a client that has no key of its own yet (`mpagent keys create`)
+    # None with admin_profile (a client that has no key of its own yet: `mpagent keys create`),
+    # or when MPAGENT_KEYSTORE_B64[_<PROFILE>] holds the keystore (keys.keystore_from_env)
     keystore: Path | None
     keystore_type: str | None = None
     alias: str | None = None
@@ -81,6 +97,8 @@ class Profile:
     exchange_name: str | None = None
     # The externalRef of the system users asked for, the profile's and per request's alike.
     systemuser_ref: str | None = None
+    # The keystore password from a file (a mounted Kubernetes Secret or systemd credential)
+    password_file: Path | None = None
 
     @property
     def claims_json(self) -> str:
@@ -93,12 +111,19 @@ class AgentSettings:
     env_file: Path | None = None
     idle_timeout: float = 900.0
     log_level: str = "info"
+    mode: str = "user"  # "server": no autostart, no keyring, no prompt (agent --foreground-only)
+    # "json": one JSON object per line on stdout; None (not written): json in server mode
+    log_format: str | None = None
 
 
 @dataclass(frozen=True)
 class HttpSettings:
     connect_timeout: float = 5.0
     read_timeout: float = 10.0
+    # The texas-compatible token endpoint (httpapi.py): (loopback host, port); None: off.
+    listen: tuple[str, int] | None = None
+    allow_uids: tuple[int, ...] = ()  # peer uids answered besides the agent's own
+    allow_any_local: bool = False  # any local peer: the pod's loopback is private to the pod
 
 
 @dataclass(frozen=True)
@@ -110,6 +135,15 @@ class BridgeSettings:
 
 
 @dataclass(frozen=True)
+class FilesSettings:
+    """Token files (mpagent/tokenfiles.py): every configured token under `dir`; None: off."""
+
+    dir: Path | None = None
+    file_mode: int = 0o600
+    group: str | int | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     profiles: Mapping[str, Profile]
@@ -117,6 +151,7 @@ class Config:
     agent: AgentSettings = AgentSettings()
     http: HttpSettings = HttpSettings()
     bridge: BridgeSettings = BridgeSettings()
+    files: FilesSettings = FilesSettings()
     # Profiles whose table has a mistake: each is unusable alone, the others still work.
     broken: Mapping[str, ConfigError] = field(default_factory=dict)
 
@@ -234,6 +269,7 @@ def parse(raw: Mapping[str, Any], file: Path) -> Config:
         agent=_agent(_table(raw, "agent", file, "the top level"), file),
         http=_http(_table(raw, "http", file, "the top level"), file),
         bridge=_bridge(_table(raw, "bridge", file, "the top level"), file),
+        files=_files(_table(raw, "files", file, "the top level"), file),
         broken=broken,
     )
 
@@ -264,13 +300,21 @@ def _profile(name: str, t: Mapping[str, Any], file: Path) -> Profile:
     environment = _environment(get)
     client_id = get.text("client_id", required=True) or ""
     admin_profile = get.text("admin_profile")
-    if admin_profile is None and "keystore" not in t:
+    if admin_profile is None and "keystore" not in t and not _keystore_in_env(name):
+        b64 = " or ".join(keystore_env_names(name))
         raise get.error(
             "keystore",
-            "is missing",
-            'add keystore = "..."; or, for a client with no key yet, set admin_profile = '
+            f"is missing and {b64} is not set",
+            f'add keystore = "..."; or set {b64} to the keystore as base64 (a CI secret); or, '
+            "for a client with no key yet, set admin_profile = "
             '"PROFILE" (the profile whose token may manage this client\'s keys) and run '
             f"`mpagent keys create --profile {name} --switch`",
+        )
+    if "password_file" in t and "password_command" in t:
+        raise get.error(
+            "password_file",
+            "is set together with password_command",
+            "the keystore password comes from one of them; remove the other",
         )
     exchange_name, exchange = _exchange(get)
     env_names = get.table("env_names")
@@ -300,7 +344,21 @@ def _profile(name: str, t: Mapping[str, Any], file: Path) -> Profile:
         exchange=exchange,
         exchange_name=exchange_name,
         systemuser_ref=get.text("systemuser_ref"),
+        password_file=get.path("password_file"),
     )
+
+
+def keystore_env_names(profile: str) -> tuple[str, ...]:
+    """The variables that may hold a profile's keystore as base64, the per-profile one first
+    (named as passwords.env_names names the password's)."""
+    part = envfile.name_part(profile)
+    return (f"{KEYSTORE_B64_ENV}_{part}", KEYSTORE_B64_ENV) if part else (KEYSTORE_B64_ENV,)
+
+
+def _keystore_in_env(profile: str) -> bool:
+    """Set, even empty: an empty one (a CI secret not defined for the job) is then said so
+    when the key is loaded, instead of "keystore is missing"."""
+    return any(name in os.environ for name in keystore_env_names(profile))
 
 
 def _exchange(get: _Getter) -> tuple[str | None, str | None]:
@@ -422,15 +480,18 @@ def _environment(get: _Getter) -> str:
         raise get.error(
             "environment",
             f"is {env!r}",
-            'write "test", "prod", or an issuer URL such as "https://test.maskinporten.no/"',
+            f"write {', '.join(map(json.dumps, ENVIRONMENTS))}, or an issuer URL such as "
+            '"https://test.maskinporten.no/"',
         )
-    issuer = env.rstrip("/") + "/"
     for known, url in ENVIRONMENTS.items():
-        if issuer == url:  # the trailing slash is part of the issuer; forgetting it is common
+        # The slash is part of the issuer (Maskinporten's have one, Skyporten's none); writing
+        # it wrong is common, so a known issuer is its preset either way.
+        if env.rstrip("/") == url.rstrip("/"):
             return known
     if parts.path.rstrip("/").endswith("/token"):
-        base = env.rstrip("/").removesuffix("/token") + "/"
-        suggestion = next((k for k, url in ENVIRONMENTS.items() if url == base), base)
+        base = env.rstrip("/").removesuffix("/token")
+        suggestion = next((k for k, url in ENVIRONMENTS.items() if url.rstrip("/") == base), None)
+        suggestion = suggestion or base + "/"
         raise get.error(
             "environment",
             f"is {env!r}, the token endpoint",
@@ -506,38 +567,95 @@ def _agent(t: Mapping[str, Any], file: Path) -> AgentSettings:
     level = (get.text("log_level") or "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise get.error("log_level", f"is {level!r}", "write debug, info, warning or error")
+    mode = get.text("mode") or "user"
+    if mode not in AGENT_MODES:
+        raise get.error(
+            "mode",
+            f"is {mode!r}",
+            'write "user" (a person\'s machine) or "server" (CI, containers)',
+        )
+    log_format = get.text("log_format")
+    if log_format is not None and log_format not in LOG_FORMATS:
+        raise get.error("log_format", f"is {log_format!r}", 'write "text" or "json"')
     return AgentSettings(
         env_file=get.path("env_file"),
         idle_timeout=get.number("idle_timeout", 900.0),
         log_level=level,
+        mode=mode,
+        log_format=log_format,
     )
 
 
 def _http(t: Mapping[str, Any], file: Path) -> HttpSettings:
     _check_keys(t, HTTP_KEYS, file, "[http]")
     get = _Getter(t, file, "[http]")
-    return HttpSettings(get.number("connect_timeout", 5.0), get.number("read_timeout", 10.0))
+    uids = t.get("allow_uids", [])
+    if not isinstance(uids, list) or not all(
+        isinstance(u, int) and not isinstance(u, bool) and 0 <= u < 2**32 for u in uids
+    ):
+        raise get.error(
+            "allow_uids",
+            f"is {uids!r}",
+            "write a list of numeric user ids, e.g. allow_uids = [1000] (`id -u USER` shows one)",
+        )
+    return HttpSettings(
+        get.number("connect_timeout", 5.0),
+        get.number("read_timeout", 10.0),
+        listen=_listen(get, "the texas-compatible endpoint", "127.0.0.1:7164"),
+        allow_uids=tuple(uids),
+        allow_any_local=get.flag("allow_any_local"),
+    )
 
 
 def _bridge(t: Mapping[str, Any], file: Path) -> BridgeSettings:
     _check_keys(t, BRIDGE_KEYS, file, "[bridge]")
     get = _Getter(t, file, "[bridge]")
+    listen = _listen(get, "the bridge", "127.0.0.1:8765")
+    return BridgeSettings(listen=listen, secret_file=get.path("secret_file"))
+
+
+def _listen(get: _Getter, what: str, example: str) -> tuple[str, int] | None:
+    """A table's `listen`: a loopback host and port ([::1]:PORT for IPv6), or None."""
     listen = get.text("listen")
     if listen is None:
-        return BridgeSettings(secret_file=get.path("secret_file"))
+        return None
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise get.error(
-            "listen", f"is {listen!r}", 'write "127.0.0.1:PORT", e.g. listen = "127.0.0.1:8765"'
+            "listen", f"is {listen!r}", f'write "127.0.0.1:PORT", e.g. listen = "{example}"'
         )
     if not is_loopback(host):
         raise get.error(
             "listen",
             f"binds {host!r}, which is not loopback",
-            "the bridge hands out tokens; bind it to 127.0.0.1 or [::1] only",
+            f"{what} hands out tokens; bind it to 127.0.0.1 or [::1] only",
         )
-    return BridgeSettings(listen=(host, int(port)), secret_file=get.path("secret_file"))
+    return host, int(port)
+
+
+def _files(t: Mapping[str, Any], file: Path) -> FilesSettings:
+    _check_keys(t, FILES_KEYS, file, "[files]")
+    get = _Getter(t, file, "[files]")
+    mode, group = t.get("file_mode", 0o600), t.get("group")
+    if isinstance(mode, str) and re.fullmatch(r"(0o?)?[0-7]{3}", mode.strip()):
+        mode = int(mode.strip().removeprefix("0o"), 8)  # "0640", "640", "0o640": octal
+    elif isinstance(mode, bool) or not isinstance(mode, int) or mode in (600, 640):
+        raise get.error(
+            "file_mode",
+            f"is {mode!r}" + (" (decimal)" if mode in (600, 640) else ""),
+            "write TOML's octal: file_mode = 0o600, or 0o640 with a group",
+        )
+    if group is not None and (
+        isinstance(group, bool)
+        or not isinstance(group, int | str)
+        or (isinstance(group, int) and group < 0)
+        or (isinstance(group, str) and not group.strip())
+    ):
+        raise get.error("group", f"is {group!r}", 'write a group name or gid: group = "mpagent"')
+    group = group.strip() if isinstance(group, str) else group
+    tokenfiles.check_mode(mode, group, f"{file}: [files]")
+    return FilesSettings(dir=get.path("dir"), file_mode=mode, group=group)
 
 
 class _Getter:

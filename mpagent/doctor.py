@@ -153,13 +153,26 @@ def is_test_ca(issuer_name: str) -> bool:
     return bool(_TEST_CA.search(issuer_name))
 
 
-def environment_kind(environment: str) -> str | None:
-    """ "test" or "prod" for those names and their issuers (trailing slash or not); None for
-    any other issuer (the emulator, Skyporten, a custom URL), whose CA doctor cannot judge."""
+# Skyporten is Maskinporten's clients under other issuers: sky-test takes test certificates as
+# test does, sky production ones (Digdir: "et ekte Maskinporten-token mot det rette miljøet").
+_KINDS = {"test": "test", "prod": "prod", "sky-test": "test", "sky": "prod"}
+_OTHER_KIND = {"test": "prod", "prod": "test", "sky-test": "sky", "sky": "sky-test"}
+
+
+def environment_name(environment: str) -> str | None:
+    """The preset (test, prod, sky-test, sky) for its name or its issuer URL (trailing slash
+    or not); None for any other issuer (the emulator, a custom URL)."""
     if environment in ENVIRONMENTS:
         return environment
-    url = environment.strip().rstrip("/").lower() + "/"
-    return next((name for name, issuer in ENVIRONMENTS.items() if issuer == url), None)
+    url = environment.strip().rstrip("/").lower()
+    return next((name for name, issuer in ENVIRONMENTS.items() if issuer.rstrip("/") == url), None)
+
+
+def environment_kind(environment: str) -> str | None:
+    """ "test" or "prod" for the presets and their issuers; None for any other issuer (the
+    emulator, a custom URL), whose CA doctor cannot judge."""
+    name = environment_name(environment)
+    return None if name is None else _KINDS[name]
 
 
 def check_environment(key: SigningKey, environment: str) -> Result:
@@ -171,8 +184,10 @@ def check_environment(key: SigningKey, environment: str) -> Result:
         return skipped(title, f"cannot tell for this issuer ({environment}); {kind} CA {ca}")
     if kind == wanted:
         return ok(title, f"{kind} CA ({ca}) for a {wanted} environment")
-    detail = f"a {kind} certificate (issuer {ca}) in {wanted}: Maskinporten refuses it (MP-120)"
-    return failed(title, detail, f'use your {wanted} certificate, or environment = "{kind}"')
+    name = environment_name(environment) or wanted
+    detail = f"a {kind} certificate (issuer {ca}) in {name}: Maskinporten refuses it (MP-120)"
+    fix = f'use your {wanted} certificate, or environment = "{_OTHER_KIND[name]}"'
+    return failed(title, detail, fix)
 
 
 # -- Maskinporten
@@ -184,11 +199,20 @@ def check_metadata(issuer: Issuer) -> tuple[Result, float | None]:
     its Date header."""
     title, url = "metadata reachable", issuer.metadata_url()
     try:
-        endpoint = endpoints_from(issuer.metadata(), issuer.url, url).token_endpoint
+        found = endpoints_from(issuer.metadata(), issuer.url, url)
     except errors.IssuerUnavailable as exc:
         fix = "check the network, and that `environment` is a Maskinporten issuer"
         return failed(title, str(exc), fix, exc.exit_code), issuer.skew
+    endpoint = found.token_endpoint
     detail = f"{url}: token endpoint {endpoint}"
+    preset = ENVIRONMENTS.get(issuer.environment)
+    if preset is not None and found.issuer != preset:  # the aud sent is the preset, exactly
+        detail += f", issuer {found.issuer}, but mpagent sends aud {preset}"
+        fix = (
+            f"the grants would be refused (MP-110): mpagent's {issuer.environment!r} preset no "
+            "longer matches the issuer; report it to mpagent's maintainers"
+        )
+        return Result(WARN, title, detail, fix), issuer.skew
     host = other_host(issuer.url, endpoint)
     if host is not None:
         detail += f", on {host}, not on the issuer's host"

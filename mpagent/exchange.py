@@ -8,17 +8,19 @@ command, disk, HTTP): the agent runs it in worker threads.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from mpagent import altinn, altinnapi, grant
-from mpagent.config import Config, Profile
+from mpagent.config import Config, Profile, keystore_env_names
 from mpagent.errors import ConfigError, IssuerRejected, KeystoreError, MpagentError
 from mpagent.issuer import Issuer, hint_for
-from mpagent.keys import Passwords, SigningKey, load_signing_key, usage_cause
+from mpagent.keys import Passwords, SigningKey, keystore_from_env, load_signing_key, usage_cause
 from mpagent.passwords import ProfilePasswords
 from mpagent.tokens import Token, fingerprint
 
@@ -171,8 +173,17 @@ def load_key(
     profile: Profile, passwords: Passwords | None = None, *, strict: bool = True
 ) -> SigningKey:
     """The profile's signing key. Without `passwords`, they come from the profile's usual
-    sources, with a prompt only in the foreground on a terminal."""
-    if profile.keystore is None:  # allowed only with admin_profile (config.py)
+    sources, with a prompt only in the foreground on a terminal. Without `keystore`, the
+    keystore comes from MPAGENT_KEYSTORE_B64_<PROFILE> or MPAGENT_KEYSTORE_B64, in memory."""
+    path, data = profile.keystore, None
+    if path is None:
+        try:
+            found = keystore_from_env(keystore_env_names(profile.name), os.environ)
+        except KeystoreError as exc:
+            raise KeystoreError(f"profile {profile.name}: {exc.message}", **exc.details) from None
+        if found is not None:  # the variable names the keystore in messages
+            path, data = Path(found[0]), found[1]
+    if path is None:  # allowed only with admin_profile (config.py)
         raise KeystoreError(
             f"profile {profile.name} has no key yet; create one: "
             f"mpagent keys create --profile {profile.name} --switch",
@@ -182,7 +193,8 @@ def load_key(
         passwords = ProfilePasswords.for_profile(profile, interactive=sys.stdin.isatty())
     try:
         return load_signing_key(
-            profile.keystore,
+            path,
+            data=data,
             keystore_type=profile.keystore_type,
             alias=profile.alias,
             certificate=profile.certificate,
@@ -207,4 +219,6 @@ def open_exchange(config: Config, profile: Profile, passwords: Passwords | None 
         connect_timeout=config.http.connect_timeout,
         read_timeout=config.http.read_timeout,
     )
+    if passwords is None and config.agent.mode == "server":  # `get --no-agent` in CI: no keyring
+        passwords = ProfilePasswords.for_profile(profile, server=True)
     return Exchange(profile, load_key(profile, passwords), issuer)

@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=0, help="port to listen on; 0 picks a free one (default: 0)"
     )
     p.add_argument(
+        "--no-trailing-slash",
+        dest="issuer_slash",
+        action="store_false",
+        help="an issuer without the trailing slash, http://HOST:PORT, as Skyporten's "
+        "(https://sky.maskinporten.no); aud must then be exactly that (default: with it)",
+    )
+    p.add_argument(
         "--client",
         action="append",
         default=[],
@@ -181,7 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: none, and then every organisation has one for every client)",
     )
 
-    command("agent", cmd_agent, "run the agent in the foreground (what systemd/launchd run)")
+    p = command("agent", cmd_agent, "run the agent in the foreground (what systemd/launchd run)")
+    p.add_argument(
+        "--foreground-only",
+        action="store_true",
+        help='server mode, for containers and CI (as [agent] mode = "server", with which '
+        "clients also never start an agent): no keyring, no prompt, JSON log lines on stdout "
+        '(unless [agent] log_format = "text"), exit within 5 s of SIGTERM',
+    )
+    p.add_argument(
+        "--print-env",
+        action="store_true",
+        help="print NAIS_TOKEN_ENDPOINT and NAIS_TOKEN_INTROSPECTION_ENDPOINT for the "
+        "config's [http] listen (for a pod spec or a CI step) and exit; runs no agent",
+    )
 
     p = command("status", cmd_status, "show the agent's tokens, deadlines and errors")
     p.add_argument(
@@ -211,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SCOPE",
         help="put this scope's token in the environment; repeatable "
         "(default: every scope the profile lists)",
+    )
+    p.add_argument(
+        "--no-agent",
+        action="store_true",
+        help="sign grants and exchange them in this process, without an agent (CI jobs: "
+        "nothing is started, nothing is left running)",
     )
     p.add_argument(
         "cmd",
@@ -448,6 +474,9 @@ environment variables:
                              the keystore password (beats the OS keyring)
   MPAGENT_KEY_PASSWORD_<PROFILE>, MPAGENT_KEY_PASSWORD
                              the key password, where it differs from the keystore's
+  MPAGENT_KEYSTORE_B64_<PROFILE>, MPAGENT_KEYSTORE_B64
+                             the keystore itself, base64 (a CI secret), for a profile
+                             without keystore; decoded in memory, never written
   CREDENTIALS_DIRECTORY      systemd credentials <profile>.keystore and <profile>.key
   MPAGENT_LOG_LEVEL          the agent's log level: debug, info, warning, error
                              (default: [agent] log_level)
@@ -569,6 +598,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         propagation=args.propagation,
         altinn_lifetime=args.altinn_lifetime,
         systemusers=args.systemuser,
+        issuer_slash=args.issuer_slash,
     )
     print(emulator.issuer, flush=True)
     emulator.serve_forever()
@@ -584,7 +614,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_agent(args: argparse.Namespace) -> int:
     from mpagent import agent
 
-    return agent.run(args.config)
+    if getattr(args, "print_env", False):
+        return print_http_env(load_config(args))
+    return agent.run(args.config, foreground_only=getattr(args, "foreground_only", False))
+
+
+def print_http_env(cfg: Any) -> int:
+    """`agent --print-env`: the texas variables for [http] listen, as NAME=VALUE lines."""
+    from mpagent import httpapi
+
+    if cfg.http.listen is None:
+        raise ConfigError(
+            f"{cfg.path}: [http] listen is not set, so the agent serves no texas-compatible "
+            'endpoint; add [http] with listen = "127.0.0.1:7164"'
+        )
+    for name, value in httpapi.environment(cfg.http.listen).items():
+        print(f"{name}={value}")
+    return 0
 
 
 def ask_running_agent(
@@ -671,12 +717,42 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not command:
         say("exec needs a command: mpagent exec [--scope S] -- CMD ARGS")
         return 2
-    env = {**os.environ, **dict(fastcli.ask_env(args))}
+    pairs = env_without_agent(args) if args.no_agent else fastcli.ask_env(args)
+    env = {**os.environ, **dict(pairs)}
     try:
         os.execvpe(command[0], command, env)
     except OSError as exc:
         say(f"cannot run {command[0]}: {exc.strerror}")
         return 127
+
+
+def env_without_agent(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """`exec --no-agent`: the variables the agent's `env` answer holds (agent._env_reply),
+    each token fetched here, one scope at a time as the agent does."""
+    from mpagent import envfile
+    from mpagent.exchange import open_exchange
+    from mpagent.tokens import scope_string
+
+    cfg, profile = load_profile(args)
+    scopes = args.scopes or list(profile.scopes)
+    if not scopes:
+        raise ConfigError(
+            f"profile {profile.name} lists no scopes; pass --scope SCOPE, or add scopes to "
+            f"[profiles.{profile.name}]"
+        )
+    exchange = open_exchange(cfg, profile)
+    for warning in exchange.key.warnings:
+        say(f"warning: {warning}")
+    variables: dict[str, str] = {}
+    short = profile.name == cfg.default_name
+    for scope in scopes:
+        token = exchange.fetch([scope])
+        for name in envfile.variable_names(
+            profile.name, scope_string([scope]), profile.env_names, short=short
+        ):
+            variables[name] = token.access_token
+            variables[name + "_EXPIRES_AT"] = str(int(token.expires_at))
+    return list(variables.items())
 
 
 def cmd_service(args: argparse.Namespace) -> int:

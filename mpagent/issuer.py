@@ -40,6 +40,10 @@ E = TypeVar("E", bound=BaseException)
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 METADATA_PATH = ".well-known/oauth-authorization-server"
+# Digdir documents Skyporten's metadata at the OpenID path ("Open https://test.sky.maskinporten.no
+# /.well-known/openid-configuration", docs.digdir.no maskinporten_skyporten_aws), not RFC 8414's.
+OPENID_METADATA_PATH = ".well-known/openid-configuration"
+_METADATA_PATHS = {"sky-test": OPENID_METADATA_PATH, "sky": OPENID_METADATA_PATH}
 SKEW_WARNING = 5.0  # Maskinporten allows 10 s; warn at half of that.
 SKEW_ALLOWED = 10.0
 # Environments whose clock skew has been logged: once per process, not once per response.
@@ -103,7 +107,7 @@ class Issuer:
         return self._endpoints
 
     def metadata_url(self) -> str:
-        return self.url.rstrip("/") + "/" + METADATA_PATH
+        return self.url.rstrip("/") + "/" + _METADATA_PATHS.get(self.environment, METADATA_PATH)
 
     def metadata(self) -> dict[str, Any]:
         """The RFC 8414 metadata document; also notes the clock skew from its Date header."""
@@ -134,8 +138,8 @@ class Issuer:
 
     def _discover(self) -> Endpoints:
         if self.environment in ENVIRONMENTS:  # known: no request needed
-            base = ENVIRONMENTS[self.environment]
-            return Endpoints(issuer=base, token_endpoint=base + "token")
+            issuer = ENVIRONMENTS[self.environment]  # the aud exactly, slash or none
+            return Endpoints(issuer=issuer, token_endpoint=issuer.rstrip("/") + "/token")
         return endpoints_from(self.metadata(), self.url, self.metadata_url())
 
     def request_token(self, assertion: str) -> Token:

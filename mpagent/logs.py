@@ -4,8 +4,11 @@ left) must not grow the log by a line, or a traceback, each time."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import math
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -18,11 +21,14 @@ SWEEP = 1.0  # how often, at most, ended windows are looked for (seconds)
 _SUMMARY = "mpagent_summary"  # marks the filter's own lines, which always pass
 
 
-def setup(level: str, *, journal: bool) -> None:
+def setup(level: str, *, journal: bool, json_lines: bool = False) -> None:
     """The agent's logging: stderr, in the journal's format under systemd (`journal`: its
-    JOURNAL_STREAM is set), else with time and pid; floods counted by RateLimit."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JournalFormatter() if journal else PLAIN)
+    JOURNAL_STREAM is set), else with time and pid; with `json_lines` (server mode), one
+    JSON object per line on stdout instead. Floods counted by RateLimit."""
+    handler = logging.StreamHandler(sys.stdout if json_lines else None)
+    handler.setFormatter(
+        JsonFormatter() if json_lines else JournalFormatter() if journal else PLAIN
+    )
     handler.addFilter(RateLimit())  # a flood of one failure is counted, not written
     logging.basicConfig(level=level.upper(), handlers=[handler])
     # watchdog logs every event at debug level; a log file in a watched directory would then
@@ -58,6 +64,27 @@ class JournalFormatter(PlainFormatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return f"<{_PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line for a log collector (a container's stdout): time (UTC, ISO
+    8601), level, logger, message, and exception (the traceback) when there is one. JSON's
+    escaping keeps a record on one line and, ASCII only, no control character raw. What a
+    message holds is what the text log holds: fingerprints, never a token or password."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = dt.datetime.fromtimestamp(record.created, dt.UTC)
+        line = {
+            "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(line, ensure_ascii=True)
 
 
 _PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}

@@ -4,10 +4,16 @@ one wins (`source()` names it, `described()` says it in a message):
 1. "unlock": given by `mpagent unlock`, held in the agent's memory only;
 2. "env": MPAGENT_KEYSTORE_PASSWORD_<PROFILE>, then MPAGENT_KEYSTORE_PASSWORD: an explicit
    variable beats a stored secret, as everywhere else in the ecosystem;
-3. "command": the profile's password_command (an argv list, no shell, first line of stdout);
-4. "credential": the systemd credential $CREDENTIALS_DIRECTORY/<profile>.keystore;
-5. "keyring": the OS keyring (`mpagent secret set`);
-6. "prompt": a hidden prompt, only for a command in the foreground on a terminal.
+3. "file": the profile's password_file (a mounted Kubernetes Secret or any secret file),
+   without one trailing newline. After env, so that a job's variable still overrides a file
+   baked into a config; beside password_command rather than after it, since config.py
+   refuses a profile setting both. The file must not be writable by anyone but its owner,
+   and its owner is root (a Secret mount) or the agent's own user;
+4. "command": the profile's password_command (an argv list, no shell, first line of stdout);
+5. "credential": the systemd credential $CREDENTIALS_DIRECTORY/<profile>.keystore;
+6. "keyring": the OS keyring (`mpagent secret set`), never in server mode;
+7. "prompt": a hidden prompt, only for a command in the foreground on a terminal, never in
+   server mode.
 
 The key password of a JKS key with its own comes the same way (MPAGENT_KEY_PASSWORD_<PROFILE>,
 key_password_command, <profile>.key) and otherwise is the keystore password.
@@ -41,7 +47,7 @@ ENV = {"keystore": KEYSTORE_ENV, "key": KEY_ENV}
 COMMAND_SETTINGS = {"keystore": "password_command", "key": "key_password_command"}
 CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
 COMMAND_TIMEOUT = 10.0
-SOURCES = ("unlock", "env", "command", "credential", "keyring", "prompt")
+SOURCES = ("unlock", "env", "file", "command", "credential", "keyring", "prompt")
 
 NO_KEYRING_HINT = (
     f"Without a keyring, a profile's password can come from {KEYSTORE_ENV}_<PROFILE> (or "
@@ -226,6 +232,7 @@ class ProfilePasswords:
         interactive: bool | None = None,
         unlocked: Mapping[str, str] | None = None,
         commands: Mapping[str, Sequence[str] | None] | None = None,
+        password_file: Path | None = None,
     ) -> None:
         self.profile = profile
         self._env = os.environ if env is None else env
@@ -233,6 +240,7 @@ class ProfilePasswords:
         self._interactive = sys.stdin.isatty() if interactive is None else interactive
         self._unlocked = unlocked or {}
         self._commands = commands or {}
+        self._password_file = password_file
         self._found: dict[str, tuple[str | None, str, str]] = {}  # which: (value, source, named)
         self._failed: dict[str, MpagentError] = {}
 
@@ -243,10 +251,19 @@ class ProfilePasswords:
         *,
         unlocked: Mapping[str, str] | None = None,
         interactive: bool = False,
+        server: bool = False,
     ) -> ProfilePasswords:
-        """`unlocked`: "keystore"/"key" passwords that `mpagent unlock` gave the agent."""
+        """`unlocked`: "keystore"/"key" passwords that `mpagent unlock` gave the agent.
+        `server` (server mode): no keyring and no prompt, whatever `interactive` says."""
         commands = {"keystore": profile.password_command, "key": profile.key_password_command}
-        return cls(profile.name, unlocked=unlocked, interactive=interactive, commands=commands)
+        return cls(
+            profile.name,
+            unlocked=unlocked,
+            interactive=interactive and not server,
+            commands=commands,
+            password_file=profile.password_file,
+            lookup=_no_keyring if server else keyring_get,
+        )
 
     def keystore(self) -> str | None:
         return self._get("keystore")
@@ -289,6 +306,9 @@ class ProfilePasswords:
         for name in env_names(self.profile, which):
             if value := self._env.get(name):
                 return value, "env", name
+        if which == "keystore" and self._password_file is not None:
+            path = self._password_file
+            return secret_file(path, self.profile), "file", f"password_file {path}"
         argv = self._commands.get(which)
         if argv:
             setting = COMMAND_SETTINGS[which]
@@ -314,17 +334,12 @@ class ProfilePasswords:
         path = Path(directory, f"{self.profile}.{which}")
         named = f"profile {self.profile}: the systemd credential {path}"
         try:
-            text = read_regular(path).decode("utf-8")
+            data = read_regular(path)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise SecretUnavailable(f"{named} cannot be read: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise SecretUnavailable(f"{named} is not UTF-8 text; encrypt it again") from None
-        value = text.removesuffix("\r\n") if text.endswith("\r\n") else text.removesuffix("\n")
-        if not value:
-            raise SecretUnavailable(f"{named} is empty; encrypt the password into it again")
-        return value
+        return _secret_text(data, named, "encrypt the password into it again")
 
     def _prompt(self, which: str) -> str | None:
         import getpass
@@ -376,7 +391,8 @@ class ProfilePasswords:
         p = self.profile
         return (
             f"profile {p} is locked: no keystore password from "
-            f"{', '.join(env_names(p, 'keystore'))}, password_command, a systemd credential or "
+            f"{', '.join(env_names(p, 'keystore'))}, password_command, password_file, a systemd "
+            "credential or "
             f"the OS keyring (`mpagent secret set {p}`); run: mpagent unlock {p}"
         )
 
@@ -395,6 +411,8 @@ class ProfilePasswords:
             )
         if source == "command":
             return f"make {named} print the right one"
+        if source == "file":
+            return f"put the right one in {named.removeprefix('password_file ')}"
         if source == "credential":
             return (
                 f"encrypt the right one into the credential {p}.{which} "
@@ -403,6 +421,57 @@ class ProfilePasswords:
         if source == "keyring":
             return f"store the right one: mpagent secret set {p}{flag}"
         return "type it again"
+
+
+def _no_keyring(profile: str, which: str) -> None:
+    """Server mode's keyring: there is none (no user session, no D-Bus to wait on)."""
+    return None
+
+
+def secret_file(path: Path, profile: str) -> str:
+    """The password in `path` (password_file) without one trailing newline. What a mounted
+    Kubernetes Secret looks like passes: a symlink (through ..data/) to a file owned by root,
+    mode 0440 or 0644. Refused: a file someone other than its owner may write, or owned by
+    another user than root or us: whoever may change it decides whether the profile works."""
+    named = f"profile {profile}: password_file {path}"
+    fix = f"fix password_file in [profiles.{profile}]"
+    try:
+        st = os.stat(path)
+        data = read_regular(path)
+    except FileNotFoundError:
+        raise SecretUnavailable(f"{named} does not exist; {fix}", check="password_file") from None
+    except OSError as exc:
+        raise SecretUnavailable(
+            f"{named} cannot be read: {exc.strerror or exc}; {fix}", check="password_file"
+        ) from None
+    if sys.platform != "win32":
+        mode = st.st_mode & 0o7777
+        if mode & 0o022:
+            raise SecretUnavailable(
+                f"{named} is writable by {'others' if mode & 0o002 else 'its group'} (mode "
+                f"{mode:04o}), so anyone who can write it chooses the password; make it "
+                f"writable by its owner only: chmod go-w {shlex.quote(str(path))}",
+                check="password_file",
+            )
+        if st.st_uid not in (0, os.getuid()):
+            raise SecretUnavailable(
+                f"{named} belongs to uid {st.st_uid}, neither root nor this agent's user "
+                f"(uid {os.getuid()}); chown it to one of them",
+                check="password_file",
+            )
+    return _secret_text(data, named, "write the password into it, as one line")
+
+
+def _secret_text(data: bytes, named: str, fix: str) -> str:
+    """A secret file's text without one trailing newline (`echo` and editors add one)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SecretUnavailable(f"{named} is not UTF-8 text; {fix}") from None
+    value = text.removesuffix("\r\n") if text.endswith("\r\n") else text.removesuffix("\n")
+    if not value:
+        raise SecretUnavailable(f"{named} is empty; {fix}")
+    return value
 
 
 def run_command(

@@ -126,12 +126,21 @@ def environment_for(audience: str | None, token_endpoint: str | None) -> tuple[s
     source = "audience" if audience else "token.endpoint"
     url = (audience or token_endpoint or "").strip()
     notes = [] if audience else ["no audience: the issuer is taken from token.endpoint"]
-    if url.rstrip("/").endswith("/token"):  # Maskinporten refuses the token endpoint as aud
-        url = url.rstrip("/")[: -len("token")]
-        notes += [f"audience is a token endpoint, not the issuer {url}"] if audience else []
+    endpoint = url.rstrip("/").endswith("/token")  # Maskinporten refuses it as aud
+    if endpoint:
+        url = url.rstrip("/").removesuffix("/token")
     env = _NAMED.get(url.rstrip("/").lower())
-    if env and not url.endswith("/"):
-        notes.append(f"{source} {url} lacks the issuer's trailing slash")
+    if endpoint:
+        url = config.ENVIRONMENTS[env] if env else url + "/"
+        notes += [f"audience is a token endpoint, not the issuer {url}"] if audience else []
+    elif env and url.endswith("/") != config.ENVIRONMENTS[env].endswith("/"):
+        # Maskinporten's issuers end in a slash, Skyporten's do not: the aud must match exactly.
+        slash = (
+            "has a trailing slash the issuer lacks"
+            if url.endswith("/")
+            else "lacks the issuer's trailing slash"
+        )
+        notes.append(f"{source} {url} {slash}")
     if env is None and (urlsplit(url).hostname or "").lower() in _OLD_TEST_HOSTS:
         env = "test"
         notes.append(f"{source} {url} is a retired test environment; check your client is in test")

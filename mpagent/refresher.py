@@ -48,10 +48,24 @@ ISSUER_SLOTS = 4
 
 @dataclass(frozen=True)
 class Customer:
-    """The organisation a per-request token is for (`get --systemuser-org` / `--consumer-org`)."""
+    """What a per-request token is for: an organisation (`get --systemuser-org` /
+    `--consumer-org`), or `claims`, a texas request's resource and authorization_details as
+    canonical JSON (they replace the profile's claims of those names)."""
 
     systemuser_org: str | None = None
     consumer_org: str | None = None
+    claims: str | None = None
+
+
+def request_claims(scopes: Iterable[str], claims: Mapping[str, Any]) -> Customer | None:
+    """The Customer of a texas request's own claims (TokenRequest.claims), None for none;
+    a system-user grant Maskinporten would refuse is a ConfigError naming the field."""
+    if not claims:
+        return None
+    details = claims.get("authorization_details")
+    if details is not None:
+        altinn.check_systemuser_grant(list(scopes), details, "authorization_details")
+    return Customer(claims=canonical(claims))
 
 
 def customer(systemuser_org: str | None, consumer_org: str | None) -> Customer | None:
@@ -94,7 +108,8 @@ class Source:
         """The claims of a token for `customer` (None: the profile's own)."""
         if customer is None:
             return None
-        return customer_claims(self.profile, customer.systemuser_org, customer.consumer_org)
+        claims = customer_claims(self.profile, customer.systemuser_org, customer.consumer_org)
+        return {**claims, **json.loads(customer.claims)} if customer.claims else claims
 
 
 def canonical(claims: Mapping[str, Any]) -> str:
@@ -120,6 +135,7 @@ class Entry:
         # profile's own).
         self.customer, self.claims = customer, claims
         self.token: Token | None = None
+        self.previous: Token | None = None  # the token `token` replaced: clients may hold it
         self.error: MpagentError | None = source.error
         self.failures = 0
         self.retry_at: float | None = None
@@ -143,6 +159,7 @@ class Entry:
         return self.soft_at
 
     def succeed(self, token: Token, rand: float) -> None:
+        self.previous = self.token
         self.token, self.error, self.failures, self.retry_at = token, None, 0, None
         self.expiry_noted = False
         self.soft_at = tokens.soft_deadline(token, rand)
@@ -299,6 +316,26 @@ class Refresher:
                     f"{min_ttl:g} s asked for with --min-ttl; ask for less"
                 )
 
+    async def fresh(
+        self, profile: str | None, scopes: list[str], customer: Customer | None = None
+    ) -> Token:
+        """texas's skip_cache: a token fetched after the request came, by the refresh in flight
+        when there is one (so a burst of such requests costs one issuer request, not one
+        each), else by one started now. During a backoff after a failed fetch it answers as
+        `get` does: the held token while it lasts, else after the backoff, or the error."""
+        entry = self._entry(profile, scopes, customer)
+        if entry.inflight is None:
+            retry_at = entry.retry_at
+            if entry.source.exchange is None or (retry_at and retry_at > self.clock()):
+                return await self.get(profile, scopes, None, customer)
+            self._start(entry)
+        assert entry.inflight is not None
+        before = entry.refreshes
+        await asyncio.shield(entry.inflight)
+        if entry.refreshes > before and entry.token is not None:
+            return entry.token
+        return await self.get(profile, scopes, None, customer)  # its error, said as get says it
+
     def _give_up_unless_transient(self, entry: Entry, retry_at: float, give_up_at: float) -> None:
         """A `get` waits out a short backoff after a transient failure; a rejection, a
         configuration error or a retry beyond its patience fails it with the last error,
@@ -344,7 +381,8 @@ class Refresher:
         if customer is not None and kept >= MAX_CUSTOMER_KEYS:
             raise MpagentError(
                 f"too many customer organisations at once: {MAX_CUSTOMER_KEYS}; the agent "
-                f"keeps tokens for that many (systemuser_org / consumer_org) at most; {wait}"
+                f"keeps tokens for that many (systemuser_org / consumer_org, and texas requests' "
+                f"resource / authorization_details) at most; {wait}"
             )
         if customer is None and kept >= MAX_ON_DEMAND_KEYS:
             raise MpagentError(
@@ -460,6 +498,8 @@ def _for(customer: Customer | None) -> str:
         return ""
     if customer.systemuser_org:
         return f" for the system user of {customer.systemuser_org}"
+    if customer.claims:
+        return " with the request's own resource / authorization_details"
     return f" for consumer_org {customer.consumer_org}"
 
 

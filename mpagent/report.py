@@ -37,12 +37,25 @@ def status(doc: dict[str, Any], now: float | None = None) -> str:
         + (f"  NOT WRITTEN: {doc['env_file_error']}" if doc.get("env_file_error") else ""),
         f"config    {doc['config']}",
     ]
+    files = doc.get("files") or {}
+    if files.get("dir"):
+        lines.append(
+            f"files     {files['dir']}, {files['count']} scope sets"
+            + (f"  NOT WRITTEN: {files['error']}" if files.get("error") else "")
+        )
     bridge = doc.get("bridge") or {}
     if bridge.get("listen"):
         lines.append(
             f"bridge    serving on {bridge['url']}; peer check: {bridge['peer_check']}"
             if bridge.get("serving")
             else f"bridge    OFF: {bridge.get('error')}"
+        )
+    http = doc.get("http") or {}
+    if http.get("listen"):
+        lines.append(
+            f"http      texas-compatible on {http['url']}; answers {http['peer_check']}"
+            if http.get("serving")
+            else f"http      OFF: {http.get('error')}"
         )
     for name, state in doc.get("passwords", {}).items():
         if state:

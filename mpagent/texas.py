@@ -29,10 +29,10 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
 
 from mpagent.console import printable
 from mpagent.errors import IssuerRejected, MpagentError
+from mpagent.loopback import MAX_BODY, MAX_FIELDS, Refusal, ascii_description, form_pairs
 from mpagent.tokens import SCOPE_TOKEN, Token, scope_string, unverified_claims
 
 TOKEN_PATH = "/api/v1/token"  # noqa: S105 (a URL path, no secret)
@@ -49,20 +49,7 @@ ERROR_CODES = (
 )  # fmt: skip
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
-MAX_BODY = 64 * 1024  # as the bridge: a token request is a few hundred bytes
-MAX_FIELDS = 32
 _SHOWN = 64  # characters of a caller's value quoted back in an error
-
-
-class Refusal(Exception):
-    """A request answered with an RFC 6749 error instead of a token. Not an MpagentError: it is
-    an HTTP answer, not a failure of the agent, and never crosses the agent's socket."""
-
-    def __init__(self, description: str, status: int = 400, error: str = "invalid_request"):
-        super().__init__(description)
-        self.description = description
-        self.status = status
-        self.error = error
 
 
 @dataclass(frozen=True)
@@ -209,13 +196,7 @@ def _fields(content_type: str | None, body: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise Refusal("the body is not UTF-8") from None
     if media_type == FORM:
-        try:
-            pairs = parse_qsl(
-                text, keep_blank_values=True, errors="strict", max_num_fields=MAX_FIELDS
-            )
-        except ValueError:  # a bad %-escape, or too many fields
-            raise Refusal(f"the body is not a UTF-8 form of at most {MAX_FIELDS} fields") from None
-        return _unique(pairs)
+        return _unique(form_pairs(text, MAX_FIELDS))
     try:
         document = json.loads(text, object_pairs_hook=_unique, parse_constant=_no_constant)
     except Refusal:
@@ -330,7 +311,7 @@ def _flag(value: Any) -> bool:
 
 
 def _error(code: str, description: str) -> dict[str, Any]:
-    return {"error": code, "error_description": printable(description)}
+    return {"error": code, "error_description": ascii_description(description)}
 
 
 def _shown(value: Any) -> str:

@@ -3,7 +3,14 @@ AWS SDK `web_identity_token_file`, OpenTelemetry `bearertokenauth` `filename`, P
 `credentials_file`) and `<name>.json` (Maskinporten's response with `expires_at`: gcloud's
 `credential_source.file` with `subject_token_field_name = "access_token"`), each written
 atomically through `private.write_atomic`, so a reader sees the old token or the new one,
-never part of one. A token's files are removed once it has expired.
+never part of one.
+
+The agent (`TokenFilesWriter`, on its io thread) keeps the files in step with the tokens of
+every profile's `scopes`, as the env file: written when a token is issued or refreshed,
+removed when it expires unreplaced (the issuer down), when a reload drops its scope or
+profile, and at stop; the expired files an earlier run left (an agent killed) are removed
+before the first write, and as they expire. A write that fails (disk full, permissions) is
+in `mpagent status` and tried again; the tokens are still served.
 
 File names. The profile name and the scope set are each turned into one file-name part,
 URL percent-encoding with three readable shorthands:
@@ -39,8 +46,10 @@ like the profile directories.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import stat
@@ -64,6 +73,8 @@ LONG_MARK = "%%"
 WINDOWS_DEVICE = re.compile(r"(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?")
 LONG_PART = re.compile(r"[^%]*(?:%[0-9A-F]{2}[^%]*)*%%[0-9a-f]{32}")
 SHARED_DIR_MODE = 0o750
+
+log = logging.getLogger(__name__)
 
 
 def encode_part(text: str) -> str:
@@ -134,23 +145,30 @@ def json_document(token: Token) -> dict[str, Any]:
     }
 
 
+def check_mode(file_mode: int, group: str | int | None, where: str = "[files]") -> None:
+    """The one rule for `file_mode` and `group` (the config checks it at load, `where` naming
+    its file; the writer again): the owner reads, the group at most reads and only with
+    0640, others nothing; group and 0640 only on Unix."""
+    if file_mode & ~0o640 or not file_mode & 0o400:
+        raise ConfigError(
+            f"{where} file_mode = 0{file_mode:o} would let others read the tokens, or not "
+            "even you; write file_mode = 0o600, or 0o640 with a group to share them"
+        )
+    if group is not None and not file_mode & 0o040:
+        raise ConfigError(
+            f"{where} group = {group!r} needs file_mode = 0o640 to let the group read the files"
+        )
+    if sys.platform == "win32" and (group is not None or file_mode & 0o040):
+        raise ConfigError(f"{where} group and file_mode = 0o640 are for Unix; remove them")
+
+
 class TokenFiles:
     """Writes and removes the token files under `directory`. Thread-safe; one per directory."""
 
     def __init__(
         self, directory: Path, file_mode: int = 0o600, group: str | int | None = None
     ) -> None:
-        if file_mode & ~0o640 or not file_mode & 0o400:
-            raise ConfigError(
-                f"[files] file_mode = 0{file_mode:o} would let others read the tokens, or not "
-                "even you; write file_mode = 0600, or 0640 with a group to share them"
-            )
-        if group is not None and not file_mode & 0o040:
-            raise ConfigError(
-                f"[files] group = {group!r} needs file_mode = 0640 to let the group read the files"
-            )
-        if sys.platform == "win32" and (group is not None or file_mode & 0o040):
-            raise ConfigError("[files] group and file_mode = 0640 are for Unix; remove them")
+        check_mode(file_mode, group)
         self.directory = directory
         self.file_mode = file_mode
         self.gid = None if group is None else _gid(group)
@@ -306,3 +324,112 @@ def _remove_if_expired(stem: Path, now: float) -> list[Path]:
         except FileNotFoundError:
             pass
     return removed
+
+
+class TokenFilesWriter:
+    """The agent's token files, kept in step with the tokens it holds: `sync` writes the
+    new and replaced ones and removes those no longer held (expired, or their profile or
+    scope gone from the configuration), `close` removes every file it wrote. Both run on
+    one thread (the agent's io thread); `status` may be read from another. A failure is
+    logged once per kind until the files are written again, and shown by `status`; it never
+    raises: the tokens are still served."""
+
+    def __init__(self) -> None:
+        self.files: TokenFiles | None = None
+        self.closed = False  # set by the agent at stop: no more syncs
+        self._settings: tuple[Path, int, str | int | None] | None = None
+        self._setup_error: str | None = None
+        self._written: dict[tuple[str, str], tuple[TokenFiles, Token]] = {}
+        self.error: str | None = None
+        self._logged: set[str] = set()
+
+    def sync(
+        self,
+        directory: Path | None,
+        file_mode: int,
+        group: str | int | None,
+        wanted: dict[tuple[str, str], Token],
+        now: float,
+    ) -> bool:
+        """Make the files say `wanted` ((profile, scope set) -> token) under `directory`
+        (None: no files), first removing the expired files an earlier run left there (each
+        time: those still valid at start expire later). False when something failed (worth
+        trying again)."""
+        failures: list[tuple[str, str]] = []
+        settings = None if directory is None else (directory, file_mode, group)
+        if settings != self._settings:
+            self._settings, self.files, self._setup_error = settings, None, None
+            if directory is not None:
+                try:
+                    self.files = TokenFiles(directory, file_mode, group)
+                except ConfigError as exc:
+                    self._setup_error = exc.message
+        if self._setup_error is not None:
+            failures.append(("setup", self._setup_error))
+        files = self.files
+        for key, (owner, _) in list(self._written.items()):
+            if owner is files and key in wanted:
+                continue
+            try:
+                owner.remove(*key)
+                del self._written[key]
+            except OSError as exc:
+                failures.append(_failure("cannot remove token files in", owner.directory, exc))
+        if files is not None:
+            try:  # `now - 1`: expires_at is rounded down, so none of ours (unexpired) goes
+                if removed := files.remove_expired(now - 1):
+                    log.info("removed %d expired token files an earlier run left", len(removed))
+            except (OSError, ConfigError) as exc:
+                failures.append(_failure("cannot clear expired token files in", directory, exc))
+        for key, token in wanted.items():
+            if files is None or (key in self._written and self._written[key][1] is token):
+                continue
+            try:
+                files.write(*key, token)
+                self._written[key] = (files, token)
+            except (OSError, ConfigError) as exc:
+                failures.append(_failure("cannot write token files in", directory, exc))
+        self._report(failures)
+        return not failures
+
+    def close(self) -> None:
+        """At stop: remove every file this writer wrote (as the env file is removed)."""
+        for key, (owner, _) in list(self._written.items()):
+            try:
+                owner.remove(*key)
+                del self._written[key]
+            except OSError as exc:
+                log.error("%s", _failure("cannot remove token files in", owner.directory, exc)[1])
+
+    def status(self) -> dict[str, Any] | None:
+        """`status()["files"]`: the directory, how many scope sets have files, the last
+        failure; None without [files]."""
+        if self._settings is None and not self._written:
+            return None
+        return {
+            "dir": str(self._settings[0]) if self._settings else None,
+            "count": len(self._written),
+            "error": self.error,
+        }
+
+    def _report(self, failures: list[tuple[str, str]]) -> None:
+        if not failures:
+            if self.error is not None:
+                log.info("token files written again")
+            self.error = None
+            self._logged.clear()
+            return
+        for kind, message in failures:
+            if kind not in self._logged:
+                self._logged.add(kind)
+                log.error("%s", message)
+        self.error = failures[-1][1]
+
+
+def _failure(what: str, directory: Path | None, exc: OSError | ConfigError) -> tuple[str, str]:
+    """(kind, message) of a failure: kinds are logged once each (disk full, permission...)."""
+    if isinstance(exc, ConfigError):
+        return "config", exc.message
+    kind = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return kind, f"{what} {directory}: {exc.strerror or type(exc).__name__}{where}"

@@ -153,12 +153,16 @@ def test_not_utf8_is_named(tmp_path: Path) -> None:
         ("https://test.maskinporten.no", "test"),
         ("https://test.maskinporten.no/", "test"),
         ("https://maskinporten.no", "prod"),
-        ("https://test.sky.maskinporten.no", "https://test.sky.maskinporten.no"),
+        ("https://test.sky.maskinporten.no", "sky-test"),
+        ("https://test.sky.maskinporten.no/", "sky-test"),
+        ("https://sky.maskinporten.no", "sky"),
+        ("https://sky.maskinporten.no/", "sky"),
+        ("https://other.sky.maskinporten.no", "https://other.sky.maskinporten.no"),
     ],
 )
 def test_known_issuer_urls_are_their_environment(tmp_path: Path, written: str, read: str) -> None:
-    """The test and prod issuer URLs, with or without their trailing slash, are "test" and
-    "prod"; other issuers (Skyporten has no trailing slash) are kept as written."""
+    """The presets' issuer URLs, with or without a trailing slash (Maskinporten's have one,
+    Skyporten's none), are their preset; other issuers are kept as written."""
     assert load(tmp_path, {"p": {**BASE, "environment": written}}).profile().environment == read
 
 

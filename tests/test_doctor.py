@@ -359,13 +359,12 @@ def test_prod_certificate_with_test_profile(tmp_path: Path) -> None:
     [
         "https://issuer.example/",
         "http://127.0.0.1:8080/",
-        "https://test.sky.maskinporten.no",
-        "https://sky.maskinporten.no",
+        "http://127.0.0.1:8080",
     ],
 )
 def test_other_issuers_cannot_be_told(ca: pki.Issued, tmp_path: Path, environment: str) -> None:
-    """Any issuer but test and prod (a custom URL, the emulator, Skyporten) skips the check
-    saying it cannot tell, never a failure, for a test and a prod certificate alike."""
+    """Any issuer but the presets' (a custom URL, the emulator) skips the check saying it
+    cannot tell, never a failure, for a test and a prod certificate alike."""
     prod_ca = pki.make_ca("Buypass Class 3 CA G2 ST Business")
     for issuer_ca, kind in ((ca, "test"), (prod_ca, "prod")):
         result = doctor.check_environment(signing_key(issuer_ca, tmp_path), environment)
@@ -402,8 +401,10 @@ def test_test_ca_names(name: str, test: bool) -> None:
         ("https://test.maskinporten.no", "test"),
         ("https://maskinporten.no/", "prod"),
         ("https://maskinporten.no", "prod"),
-        ("https://test.sky.maskinporten.no", None),
-        ("https://sky.maskinporten.no", None),
+        ("sky-test", "test"),
+        ("sky", "prod"),
+        ("https://test.sky.maskinporten.no", "test"),
+        ("https://sky.maskinporten.no/", "prod"),
         ("https://ver2.maskinporten.no/", None),
         ("https://test.maskinporten.no/token", None),
         ("http://127.0.0.1:8080/", None),
@@ -412,7 +413,8 @@ def test_test_ca_names(name: str, test: bool) -> None:
     ],
 )
 def test_environment_kind(environment: str, kind: str | None) -> None:
-    """Only test, prod and their issuers (with or without the slash) are known."""
+    """Only the presets and their issuers (with or without the slash) are known: Skyporten's
+    sky-test takes test certificates, sky production ones."""
     assert doctor.environment_kind(environment) == kind
 
 

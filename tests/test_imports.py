@@ -12,11 +12,13 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "mpagent"
 
 # Pure policy: values in, values out.
-PURE = {"tokens", "protocol", "errors", "console", "envfile", "ownkeys", "altinn", "texas"}
+PURE = {
+    "tokens", "protocol", "errors", "console", "envfile", "ownkeys", "altinn", "texas", "loopback",
+}  # fmt: skip
 # mpagent modules (or subpackages) whose work is I/O: network, sockets, pipes, processes,
 # files, the keyring, the terminal's command line.
 IO_MODULES = {
-    "adminapi", "agent", "altinnapi", "ask", "autostart", "bridge", "cli", "client",
+    "adminapi", "agent", "altinnapi", "ask", "autostart", "bridge", "cli", "client", "httpapi", "loopserver",
     "configedit", "demo", "doctor", "emulator", "exchange", "fastcli", "fullcli", "issuer", "keywatch",
     "passwords", "peers", "pipeclient", "pipeserver", "postman", "private", "rotation", "server",
     "tokenfiles",

@@ -218,7 +218,14 @@ def test_round_trip_of_java_escaped_files(props: dict[str, str], limit: int) -> 
         ("https://oidc-ver2.difi.no/idporten-oidc-provider/", None, "test", "retired"),
         ("https://test.maskinporten.no/token", None, "test", "token endpoint, not the issuer"),
         (None, "https://maskinporten.no/token", "prod", "taken from token.endpoint"),
-        ("https://test.sky.maskinporten.no", None, "https://test.sky.maskinporten.no", "→"),
+        ("https://test.sky.maskinporten.no", None, "sky-test", 'environment = "sky-test"'),
+        ("https://sky.maskinporten.no/", None, "sky", "has a trailing slash the issuer lacks"),
+        (
+            "https://sky.maskinporten.no/token",
+            None,
+            "sky",
+            "not the issuer https://sky.maskinporten.no",
+        ),
         ("http://127.0.0.1:5000/", None, "http://127.0.0.1:5000/", "→"),
     ],
 )

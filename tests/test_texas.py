@@ -310,11 +310,13 @@ def test_bad_introspect_requests_get_a_400(body: bytes) -> None:
 
 
 def test_a_callers_value_is_quoted_short_and_escaped() -> None:
-    """A control character or a huge value sent back in a description is escaped and cut."""
+    """A control character or a huge value sent back in a description is escaped (RFC 6749
+    §5.2: printable ASCII without backslash, so \\x1b shows as /x1b) and cut."""
     body = json.dumps({"identity_provider": "\x1b[31m" + "x" * 500, "target": "s"}).encode()
     status, document = answer_token("application/json", body)
     description = document["error_description"]
-    assert status == 400 and "\x1b" not in description and "\\x1b" in description
+    assert status == 400 and "\x1b" not in description and "/x1b[31m" in description
+    assert all(" " <= c <= "~" and c not in '"\\' for c in description)
     assert len(description) < 300
 
 

@@ -24,6 +24,7 @@ from mpagent.errors import ConfigError
 from mpagent.tokenfiles import (
     MAX_PART,
     TokenFiles,
+    TokenFilesWriter,
     decode_part,
     encode_part,
     file_stem,
@@ -219,7 +220,7 @@ def test_file_modes_that_open_tokens_are_refused(shm: Path, bad: int) -> None:
 def test_group_needs_group_read_and_an_existing_group(shm: Path) -> None:
     """A group with file_mode 0600, or a group name the system does not know, is refused
     naming [files] group."""
-    with pytest.raises(ConfigError, match=r"group = 'users' needs file_mode = 0640"):
+    with pytest.raises(ConfigError, match=r"group = 'users' needs file_mode = 0o640"):
         TokenFiles(shm, group="users")
     with pytest.raises(ConfigError, match="no group on this system"):
         TokenFiles(shm, file_mode=0o640, group="mpagent-no-such-group")
@@ -379,3 +380,61 @@ def test_remove(shm: Path) -> None:
     files.remove("p", "b:y a:x")
     files.remove("p", "b:y a:x")
     assert not jwt.exists() and not doc.exists()
+
+
+def test_writer_keeps_files_in_step_with_the_tokens(shm: Path) -> None:
+    """The agent's writer: a new or replaced token is written, an unchanged one not again,
+    one no longer held (expired, or its scope gone from the config) removed; a new dir
+    gets the files and the old loses them; close() removes everything it wrote."""
+    writer, a, b = TokenFilesWriter(), ("p", "a:x"), ("p", "b:y")
+    first = token("a:x", access="first", at=2000)
+    assert writer.sync(shm / "one", 0o600, None, {a: first, b: token("b:y")}, now=900)
+    jwt_a, jwt_b = TokenFiles(shm / "one").paths(*a)[0], TokenFiles(shm / "one").paths(*b)[0]
+    inode = jwt_a.stat().st_ino
+    assert writer.sync(shm / "one", 0o600, None, {a: first}, now=901)
+    assert jwt_a.stat().st_ino == inode and not jwt_b.exists()
+    assert writer.sync(shm / "one", 0o600, None, {a: token("a:x", access="second")}, 902)
+    assert jwt_a.read_text() == "second"
+    assert writer.sync(shm / "two", 0o600, None, {a: first}, now=903)
+    assert not jwt_a.exists() and (shm / "two" / "p" / "a_x.jwt").read_text() == "first"
+    assert writer.status() == {"dir": str(shm / "two"), "count": 1, "error": None}
+    writer.close()
+    assert not list((shm / "two" / "p").iterdir()) and writer.status() == {
+        "dir": str(shm / "two"), "count": 0, "error": None
+    }  # fmt: skip
+
+
+def test_writer_sweeps_an_earlier_runs_expired_files_first(shm: Path) -> None:
+    """Before its first write the writer removes the expired files an earlier run left
+    (and later ones as they expire), but never a file of a token it holds."""
+    TokenFiles(shm).write("p", "old:x", token("old:x", at=1000))
+    TokenFiles(shm).write("p", "late:x", token("late:x", at=1500))
+    writer, held = TokenFilesWriter(), {("p", "a:x"): token("a:x", at=1200.5)}
+    assert writer.sync(shm, 0o600, None, held, now=1100)
+    assert sorted(p.name for p in (shm / "p").iterdir()) == [
+        "a_x.json", "a_x.jwt", "late_x.json", "late_x.jwt"
+    ]  # fmt: skip
+    assert writer.sync(shm, 0o600, None, held, now=1200.4)
+    assert (shm / "p" / "a_x.jwt").exists()  # its .json says 1200, but it holds until 1200.5
+    assert writer.sync(shm, 0o600, None, {}, now=1600)
+    assert not list((shm / "p").iterdir())
+
+
+def test_writer_failure_is_logged_once_per_kind_and_shown(
+    shm: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write that fails (a file where the profile directory goes) returns False, is in
+    status, is logged once however often it is retried, and clears once the files are
+    written; a group that does not exist is a setup error the same way."""
+    (shm / "p").write_text("in the way")
+    writer, wanted = TokenFilesWriter(), {("p", "a:x"): token("a:x")}
+    for _ in range(3):
+        assert not writer.sync(shm, 0o600, None, wanted, now=900)
+    error = (writer.status() or {})["error"]
+    assert str(shm / "p") in error and "not a directory" in error
+    assert [r.getMessage() for r in caplog.records].count(error) == 1
+    (shm / "p").unlink()
+    assert writer.sync(shm, 0o600, None, wanted, now=900)
+    assert writer.status() == {"dir": str(shm), "count": 1, "error": None}
+    assert not writer.sync(shm, 0o640, "mpagent-no-such-group", wanted, now=900)
+    assert "no group on this system" in (writer.status() or {})["error"]

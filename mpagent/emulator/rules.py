@@ -335,7 +335,7 @@ def _check_aud(aud: Any, issuer: str) -> None:
         return
     if not isinstance(aud, str):
         reason = "aud must be one string"
-    elif aud == issuer + "token":
+    elif aud == issuer.rstrip("/") + "/token":
         reason = f"aud is the token endpoint URL; use the issuer {issuer}"
     elif aud.rstrip("/") == issuer.rstrip("/"):
         reason = f"the trailing slash differs; use {issuer}"

@@ -84,6 +84,12 @@ class Emulator:
     organisations a client has a system user; a system-user grant for any other is refused with
     MP-303. Without it (None) every organisation is taken to have one and the grant's
     authorization_details reach the token as sent.
+
+    Issuer: `http://HOST:PORT/`, with the slash as Maskinporten's; `issuer_slash=False` drops
+    it, as Skyporten's `https://sky.maskinporten.no` (MASKINPORTEN.md §1, §7; Digdir's Skyporten
+    page shows "issuer":"https://test.sky.maskinporten.no" beside its ".../token" endpoint).
+    The paths served are the same either way; only the issuer, which aud must equal exactly,
+    and the URLs built from it change.
     """
 
     def __init__(
@@ -106,6 +112,7 @@ class Emulator:
         altinn_signing_key: rsa.RSAPrivateKey | None = None,
         altinn_lifetime: int = altinn.DEFAULT_LIFETIME,
         systemusers: Mapping[str, Iterable[str]] | None = None,
+        issuer_slash: bool = True,
     ) -> None:
         if not 0.0 <= fail_ratio <= 1.0:
             raise ValueError(f"fail_ratio {fail_ratio} must be between 0 and 1")
@@ -154,20 +161,21 @@ class Emulator:
         self._server = _Server((host, port), _Handler)
         self._server.emulator = self
         self._host = host
+        self._slash = "/" if issuer_slash else ""
 
     @property
     def issuer(self) -> str:
-        return f"http://{self._host}:{self._server.server_address[1]}/"
+        return f"http://{self._host}:{self._server.server_address[1]}{self._slash}"
 
     @property
     def token_endpoint(self) -> str:
-        return self.issuer + "token"
+        return self.issuer.rstrip("/") + "/token"
 
     @property
     def admin_api(self) -> str:
         """The self-service API's base: `{admin_api}{client_id}/jwks`, as Digdir's
         `https://api.samarbeid.digdir.no/clients/`."""
-        return self.issuer + "clients/"
+        return self.issuer.rstrip("/") + "/clients/"
 
     @property
     def altinn_exchange(self) -> str:
@@ -284,7 +292,7 @@ class Emulator:
         return {
             "issuer": self.issuer,
             "token_endpoint": self.token_endpoint,
-            "jwks_uri": self.issuer + "jwk",
+            "jwks_uri": self.issuer.rstrip("/") + "/jwk",
             "token_endpoint_auth_signing_alg_values_supported": list(rules.ALGORITHMS),
             "grant_types_supported": [rules.JWT_BEARER],
             "authorization_details_types_supported": list(rules.AUTHORIZATION_DETAIL_FIELDS),
@@ -500,6 +508,7 @@ class Emulator:
         propagation: float = 0.0,
         altinn_lifetime: int = altinn.DEFAULT_LIFETIME,
         systemusers: Sequence[str] = (),
+        issuer_slash: bool = True,
     ) -> Emulator:
         """An emulator from CLI-style arguments; bad input raises ConfigError naming it."""
         _check_lifetime(token_lifetime, f"--token-lifetime {token_lifetime}")
@@ -535,6 +544,7 @@ class Emulator:
                 propagation=propagation,
                 altinn_lifetime=altinn_lifetime,
                 systemusers=users,
+                issuer_slash=issuer_slash,
             )
         except OSError as exc:
             raise ConfigError(

@@ -13,14 +13,17 @@ loaded.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from mpagent.errors import KeystoreError
 from mpagent.keys.certificates import (
     EXPIRY_WARNING_DAYS,
     certificate_problems,
@@ -63,6 +66,7 @@ __all__ = [
     "describe",
     "detect_type",
     "key_usages",
+    "keystore_from_env",
     "load_signing_key",
     "usage_cause",
 ]
@@ -96,9 +100,47 @@ def detect_type(data: bytes) -> str:
     raise ValueError("not a JKS, PKCS#12, PEM or JWK keystore")
 
 
+def keystore_from_env(names: Sequence[str], env: Mapping[str, str]) -> tuple[str, bytes] | None:
+    """(the variable, the keystore's bytes) from the first of `names` that is set and not
+    empty, decoded from base64 (line breaks allowed: `base64` wraps at 76 columns); None
+    when none is set. The bytes stay in memory: nothing is written to disk. An empty one
+    (a CI secret not defined for the job expands to "") or bad base64 is a KeystoreError
+    naming the variable, never its value."""
+    empty = None
+    for name in names:
+        value = env.get(name)
+        if value is None:
+            continue
+        text = "".join(value.split())
+        if not text:
+            empty = empty or name
+            continue
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise KeystoreError(
+                f"{name} is not valid base64 (its value is not shown); set it to the keystore "
+                "encoded with `base64 -w0 virksomhet.p12` (macOS: `base64 -i virksomhet.p12`)",
+                check="keystore_base64",
+                variable=name,
+            ) from None
+        if data:
+            return name, data
+        empty = empty or name
+    if empty is not None:
+        raise KeystoreError(
+            f"{empty} is set but empty (a CI secret not defined for this job or branch?); "
+            "set it to the keystore as base64, or unset it and set keystore in the profile",
+            check="keystore_base64",
+            variable=empty,
+        )
+    return None
+
+
 def load_signing_key(
     path: Path,
     *,
+    data: bytes | None = None,
     keystore_type: str | None = None,
     alias: str | None = None,
     certificate: Path | None = None,
@@ -109,8 +151,10 @@ def load_signing_key(
 ) -> SigningKey:
     """Load and check the signing key; every mistake raises a KeystoreError naming the file.
     The certificate's warnings travel with the key; its errors raise too, unless `strict` is
-    False (for `mpagent doctor`, which shows every problem as a row of its own)."""
-    data = read(path, "keystore")
+    False (for `mpagent doctor`, which shows every problem as a row of its own). `data`: the
+    keystore's bytes, already in memory (keystore_from_env); `path` then only names them."""
+    if data is None:
+        data = read(path, "keystore")
     entries = _LOADERS[_kind(path, data, keystore_type)](path, data, passwords)
     entry = _select(path, entries, alias)
     source = f"{path} (entry '{entry.alias}')" if entry.alias else str(path)
