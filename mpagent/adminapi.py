@@ -199,7 +199,7 @@ def admin_profile(cfg: Config, profile: Profile) -> Profile:
     admin_profile, else the profile itself when it signs with a certificate."""
     if profile.admin_profile is not None:
         admin = cfg.profile(profile.admin_profile)
-    elif profile.kid is None and profile.keystore is not None:
+    elif profile.kid is None and profile.key_location is not None:
         admin = profile
     else:
         raise ConfigError(
@@ -234,7 +234,7 @@ def refuse_admin_lockout(cfg: Config, profile: Profile) -> None:
     """Refuse to give a registered key to the client of a profile whose certificate tokens
     authorise the admin API (its own, or another profile's): with a registered key its
     client's certificate grants are refused, and the admin API with them, for good."""
-    if profile.kid is not None or profile.keystore is None:
+    if profile.kid is not None or profile.key_location is None:
         return
     users = [p.name for p in cfg.profiles.values() if p.admin_profile == profile.name]
     if admin_profile(cfg, profile).name != profile.name and not users:

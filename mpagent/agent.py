@@ -41,6 +41,30 @@ RELOAD_DEBOUNCE = 0.3
 # agent must be gone within 5 s of SIGTERM (run()).
 DRAIN_TIMEOUT = 3.0
 FILES_RETRY = 5.0  # seconds before token files that failed to be written are tried again
+# At stop, an env-file write already running on the io thread gets this long (it is quick);
+# one still queued there (behind a reload's slow password_command, say) is cancelled.
+STOP_WRITE_WAIT = 0.5
+
+
+class Pool(ThreadPoolExecutor):
+    """A thread pool that counts its jobs not finished yet (queued or running): what an exit
+    would wait for. Its idle threads are not counted."""
+
+    def __init__(self, max_workers: int, name: str) -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix=name)
+        self._count_lock = threading.Lock()
+        self.unfinished = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        future = super().submit(fn, *args, **kwargs)
+        with self._count_lock:
+            self.unfinished += 1
+        future.add_done_callback(self._finished)  # also when cancelled
+        return future
+
+    def _finished(self, _future: Any) -> None:
+        with self._count_lock:
+            self.unfinished -= 1
 
 
 @dataclass
@@ -120,8 +144,8 @@ class Agent:
         self.http: Any = None  # the texas-compatible endpoint, set by _start_http
         self._unwarned: set[str] = set()  # profiles whose key warnings no `get` has carried yet
         self.stopping = asyncio.Event()
-        self.fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mpagent-fetch")
-        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpagent-io")
+        self.fetch_pool = Pool(8, "mpagent-fetch")
+        self.io = Pool(1, "mpagent-io")
         self.refresher = Refresher(
             self.fetch_pool,
             idle_timeout=cfg.agent.idle_timeout,
@@ -132,8 +156,9 @@ class Agent:
         self._env_written: str | None = None
         self.env_error: str | None = None  # the last env-file write failure, for `status`
         self._env_task: asyncio.Task[None] | None = None
+        self._env_write: Any = None  # the env file's write on the io thread (a Future)
         self._env_dirty = False
-        self.token_files = TokenFilesWriter()  # [files]: written on the io thread
+        self.token_files = TokenFilesWriter(server_mode=server_mode)  # [files]: io thread
         self._files_task: asyncio.Task[None] | None = None
         self._files_dirty = False
         self._files_retry: asyncio.TimerHandle | None = None
@@ -177,6 +202,9 @@ class Agent:
             await self._drain(listener)
             scheduler.cancel()
             key_checks.cancel()
+            if self._reload_handle is not None:
+                self._reload_handle.cancel()
+            # A reload in flight is abandoned (reload(), _adopt): nothing here waits on it.
             await self._finish_env()
             with contextlib.suppress(FileNotFoundError):
                 self.env_path.unlink()
@@ -188,6 +216,10 @@ class Agent:
             self.fetch_pool.shutdown(wait=False, cancel_futures=True)
             self.io.shutdown(wait=False, cancel_futures=True)
             os.close(lock)
+
+    def unfinished(self) -> int:
+        """Jobs of the pools not finished: a fetch or a password_command still running."""
+        return self.fetch_pool.unfinished + self.io.unfinished
 
     def _open_listener(self) -> server.Listener:
         if sys.platform == "win32":
@@ -232,11 +264,20 @@ class Agent:
         if self.cfg.http.listen is None:
             return self.http
         try:
-            self.http = await httpapi.start(self.cfg.http, self.refresher, clock=self.clock)
+            self.http = await httpapi.start(
+                self.cfg.http, self.refresher, clock=self.clock, files_problem=self._http_files
+            )
         except MpagentError as exc:  # e.g. the port is taken: the socket still serves
             log.error("the texas-compatible endpoint is off: %s", exc)
             self.http = httpapi.Off(self.cfg.http.listen, exc.message)  # `status` says why
         return self.http
+
+    def _http_files(self) -> str | None:
+        """For /healthz: with [files] dir set, why the held tokens' files are not all there."""
+        if self.cfg.files.dir is None:
+            return None
+        held = {(e.key.profile, e.key.scope) for e, _ in self._kept_tokens()}
+        return self.token_files.problem(held)
 
     def _lock(self) -> int:
         """Single instance per socket: a lock held for the agent's life."""
@@ -331,15 +372,15 @@ class Agent:
 
     def _env_reply(self, profile: Profile, scopes: list[str], tokens: list[Any]) -> bytes:
         """NAME and NAME_EXPIRES_AT (integer epoch seconds) for each token, as in the env file."""
-        short = profile.name == self.cfg.default_name
-        variables: dict[str, str] = {}  # a name two scopes share once, as in a shell
-        for scope, token in zip(scopes, tokens, strict=True):
-            scope_set = scope_string([scope])
-            for name in envfile.variable_names(
-                profile.name, scope_set, profile.env_names, short=short
-            ):
-                variables[name] = token.access_token
-                variables[name + "_EXPIRES_AT"] = str(int(token.expires_at))
+        variables = envfile.variables(
+            profile.name,
+            profile.env_names,
+            [
+                (scope_string([s]), t.access_token, t.expires_at)
+                for s, t in zip(scopes, tokens, strict=True)
+            ],
+            short=profile.name == self.cfg.default_name,
+        )
         pairs = [f for n, v in variables.items() for f in (("name", n), ("value", v))]
         warnings = [("warning", w) for w in self._warnings(profile.name)]
         return server.ok_reply([*pairs, *warnings])
@@ -357,7 +398,7 @@ class Agent:
 
     async def _reload_reply(self) -> bytes:
         await self.reload("requested")
-        return server.json_reply({"unusable": self.problems})
+        return server.json_reply({"unusable": self.problems, "files": await self._files_settled()})
 
     async def _unlock(self, fields: protocol.Fields) -> bytes:
         """`mpagent unlock`: passwords the client checked against the keystore, kept in this
@@ -473,6 +514,8 @@ class Agent:
                 cfg, previous=previous, unlocked=unlocked, server=self.server_mode
             ),
         )
+        if self.stopping.is_set():
+            return  # stopped meanwhile: nothing of it is adopted
         self._adopt(cfg, loaded)
         self._watch()
         if self.bridge is not None:
@@ -482,6 +525,8 @@ class Agent:
         log.info("reloaded" + (f"; unusable: {', '.join(self.problems)}" if self.problems else ""))
 
     def _adopt(self, cfg: Config, loaded: Loaded) -> None:
+        if self.stopping.is_set():
+            return  # a reload that finished after "stopping": its tokens and files never come
         self.cfg, self.problems, self.passwords = cfg, loaded.problems, loaded.passwords
         self._unwarned = {
             name for name, s in loaded.sources.items() if s.exchange and s.exchange.key.warnings
@@ -523,6 +568,8 @@ class Agent:
         log.info("removed the expired tokens a previous agent left in %s", self.env_path)
 
     def _env_changed(self) -> None:
+        if self.stopping.is_set():
+            return  # the env file is being removed: no write may recreate it
         self._env_dirty = True
         if self._env_task is None or self._env_task.done():
             self._env_task = asyncio.get_running_loop().create_task(self._write_env())
@@ -536,7 +583,8 @@ class Agent:
                 content = envfile.render(tokens)
                 if content == self._env_written or (not tokens and self._env_written is None):
                     continue  # nothing new; and a crashed agent's file keeps its tokens until ours
-                await loop.run_in_executor(self.io, write_atomic, self.env_path, content)
+                self._env_write = self.io.submit(write_atomic, self.env_path, content)
+                await asyncio.wrap_future(self._env_write, loop=loop)
                 self._env_written, self.env_error = content, None
                 log.debug("env file %s updated", self.env_path)
             except OSError as exc:
@@ -550,10 +598,19 @@ class Agent:
                 )
 
     async def _finish_env(self) -> None:
-        """The last write, if one is under way, ends before the agent removes the file
-        (the writer reports its own failures)."""
-        if self._env_task is not None:
-            await self._env_task
+        """At stop, before the agent removes the file: the write under way ends (the writer
+        reports its own failures), for STOP_WRITE_WAIT s at most; one still queued on the io
+        thread then (behind a reload's slow password_command) is cancelled, not waited for."""
+        task = self._env_task
+        if task is None:
+            return
+        await asyncio.wait([task], timeout=STOP_WRITE_WAIT)
+        if task.done():
+            return
+        task.cancel()
+        write = self._env_write
+        if write is not None and not write.cancel():  # running after all: it is quick
+            await asyncio.wait([asyncio.wrap_future(write)], timeout=STOP_WRITE_WAIT)
 
     def _env_tokens(self) -> list[tuple[str, str, float]]:
         default = self.cfg.default_name
@@ -580,6 +637,8 @@ class Agent:
 
     def _changed(self) -> None:
         """The refresher's on_change: a token came, was replaced, expired or was dropped."""
+        if self.stopping.is_set():
+            return  # the env file and the token files are going
         self._env_changed()
         self._files_changed()
 
@@ -615,13 +674,19 @@ class Agent:
         self._files_changed()
 
     async def _finish_files(self) -> None:
-        """At stop: no more writes, the one under way ends, then this agent's files go."""
-        self.token_files.closed = True
+        """At stop: no more writes, then this agent's files go, here on the loop thread
+        (unlinks only: quick, not queued behind a slow reload on the io thread; a write under
+        way finishes its one file pair first, a queued one does nothing)."""
         if self._files_retry is not None:
             self._files_retry.cancel()
-        if self._files_task is not None:
-            await self._files_task
-        await asyncio.get_running_loop().run_in_executor(self.io, self.token_files.close)
+        self.token_files.close()
+
+    async def _files_settled(self) -> str | None:
+        """For the reload reply: once the files write a reload set off has run (so a new
+        setting that fails is said, not only "reloaded"), what /healthz says of the files."""
+        if self._files_task is not None and not self.token_files.closed:
+            await asyncio.shield(self._files_task)
+        return self._http_files()
 
 
 def _float(value: str | None, name: str) -> float | None:
@@ -662,20 +727,23 @@ def run(config_path: str | None, *, foreground_only: bool = False) -> int:
         )
     limit = server.raise_open_files_limit()
     log.debug("open-files limit %d, so at most %d clients", limit, server.connection_cap(limit))
-    status = asyncio.run(Agent(cfg, config_path, server_mode=server_mode).run())
-    _exit_now_if_stuck(status)
+    agent = Agent(cfg, config_path, server_mode=server_mode)
+    status = asyncio.run(agent.run())
+    _exit_now_if_stuck(status, agent.unfinished())
     return status
 
 
-def _exit_now_if_stuck(status: int) -> None:
+def _exit_now_if_stuck(status: int, unfinished: int) -> None:
     """A fetch still hanging on a slow issuer (or a password_command) would hold the exit
     until its read timeout: Python joins worker threads at exit. Its result is not wanted
-    any more, so the process ends here, its log flushed."""
-    stuck = [
-        t.name for t in threading.enumerate() if t.name.startswith("mpagent-") and t.is_alive()
-    ]
-    if stuck:
-        log.info("stopped; not waiting for %d unfinished request(s) to the issuer", len(stuck))
+    any more, so the process ends here, its log flushed. `unfinished`: the jobs still
+    running (the pools' idle threads end at once and are not counted)."""
+    if unfinished:
+        log.info(
+            "stopped; not waiting for %d unfinished request(s) (to the issuer, or a password "
+            "command)",
+            unfinished,
+        )
         logging.shutdown()
         sys.stdout.flush()
         os._exit(status)

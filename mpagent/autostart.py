@@ -71,7 +71,8 @@ def _refuse_in_server_mode(socket_path: str, config_path: str | None) -> None:
             f"no agent is running on {socket_path}, and this configuration's agent runs in "
             '[agent] mode = "server", which clients do not start: start it with `mpagent '
             "agent --foreground-only` (the container's or job's own process), or use "
-            "`mpagent get --no-agent` / `mpagent exec --no-agent`"
+            "`mpagent get --no-agent` / `mpagent exec --no-agent`",
+            in_process=True,  # get, env and exec then run in the client's process (fullcli)
         )
 
 

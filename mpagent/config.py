@@ -61,7 +61,9 @@ AGENT_MODES = ("user", "server")
 LOG_FORMATS = ("text", "json")
 # The keystore itself, base64, when `keystore` is not set (a CI secret): per profile first.
 KEYSTORE_B64_ENV = "MPAGENT_KEYSTORE_B64"
-HTTP_KEYS = ("connect_timeout", "read_timeout", "listen", "allow_uids", "allow_any_local")
+HTTP_KEYS = (
+    "connect_timeout", "read_timeout", "listen", "allow_uids", "allow_any_local", "profile",
+)  # fmt: skip
 BRIDGE_KEYS = ("listen", "secret_file")
 FILES_KEYS = ("dir", "file_mode", "group")
 TOP_KEYS = ("default_profile", "profiles", "agent", "http", "bridge", "files")
@@ -74,7 +76,7 @@ class Profile:
     client_id: str
     scopes: tuple[str, ...]
     # None with admin_profile (a client that has no key of its own yet: `mpagent keys create`),
-    # or when MPAGENT_KEYSTORE_B64[_<PROFILE>] holds the keystore (keys.keystore_from_env)
+    # or when MPAGENT_KEYSTORE_B64[_<PROFILE>] holds the keystore (keystore_env)
     keystore: Path | None
     keystore_type: str | None = None
     alias: str | None = None
@@ -99,6 +101,15 @@ class Profile:
     systemuser_ref: str | None = None
     # The keystore password from a file (a mounted Kubernetes Secret or systemd credential)
     password_file: Path | None = None
+    # Without keystore: the variable holding the keystore as base64 (keys.keystore_from_env),
+    # resolved by parse() from the environment it was given; None: no such variable is set.
+    keystore_env: str | None = None
+
+    @property
+    def key_location(self) -> str | None:
+        """Where the profile's key comes from, for messages: the keystore file or the
+        variable; None for a client with no key yet (admin_profile, `mpagent keys create`)."""
+        return str(self.keystore) if self.keystore is not None else self.keystore_env
 
     @property
     def claims_json(self) -> str:
@@ -124,6 +135,8 @@ class HttpSettings:
     listen: tuple[str, int] | None = None
     allow_uids: tuple[int, ...] = ()  # peer uids answered besides the agent's own
     allow_any_local: bool = False  # any local peer: the pod's loopback is private to the pod
+    # The profile whose tokens the endpoint serves; None: default_profile, else the only one.
+    profile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -231,10 +244,14 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: not valid TOML: {exc}") from exc
-    return parse(raw, file)
+    return parse(raw, file, os.environ)
 
 
-def parse(raw: Mapping[str, Any], file: Path) -> Config:
+def parse(raw: Mapping[str, Any], file: Path, env: Mapping[str, str] | None = None) -> Config:
+    """The configuration in `raw` (read from `file`). `env`: the environment whose
+    MPAGENT_KEYSTORE_B64[_<PROFILE>] may hold a profile's keystore (load() passes the
+    process's); None: no keystore comes from the environment."""
+    env = env or {}
     _check_keys(raw, TOP_KEYS, file, "the top level")
     profiles_raw = _table(raw, "profiles", file, "the top level")
     if not profiles_raw:
@@ -252,7 +269,8 @@ def parse(raw: Mapping[str, Any], file: Path) -> Config:
     broken: dict[str, ConfigError] = {}
     for name in profiles_raw:
         try:
-            profiles[name] = _profile(name, _table(profiles_raw, name, file, "[profiles]"), file)
+            table = _table(profiles_raw, name, file, "[profiles]")
+            profiles[name] = _profile(name, table, file, env)
         except ConfigError as exc:
             broken[name] = exc
     for name, wrong in _unknown_admin_profiles(profiles, profiles_raw, file).items():
@@ -274,7 +292,7 @@ def parse(raw: Mapping[str, Any], file: Path) -> Config:
     )
 
 
-def _profile(name: str, t: Mapping[str, Any], file: Path) -> Profile:
+def _profile(name: str, t: Mapping[str, Any], file: Path, env: Mapping[str, str]) -> Profile:
     where = f"[profiles.{name}]"
     _check_keys(t, PROFILE_KEYS, file, where)
     get = _Getter(t, file, where)
@@ -300,7 +318,8 @@ def _profile(name: str, t: Mapping[str, Any], file: Path) -> Profile:
     environment = _environment(get)
     client_id = get.text("client_id", required=True) or ""
     admin_profile = get.text("admin_profile")
-    if admin_profile is None and "keystore" not in t and not _keystore_in_env(name):
+    keystore_env = None if "keystore" in t else _keystore_env(name, env, admin_profile)
+    if admin_profile is None and "keystore" not in t and keystore_env is None:
         b64 = " or ".join(keystore_env_names(name))
         raise get.error(
             "keystore",
@@ -345,6 +364,7 @@ def _profile(name: str, t: Mapping[str, Any], file: Path) -> Profile:
         exchange_name=exchange_name,
         systemuser_ref=get.text("systemuser_ref"),
         password_file=get.path("password_file"),
+        keystore_env=keystore_env,
     )
 
 
@@ -355,10 +375,19 @@ def keystore_env_names(profile: str) -> tuple[str, ...]:
     return (f"{KEYSTORE_B64_ENV}_{part}", KEYSTORE_B64_ENV) if part else (KEYSTORE_B64_ENV,)
 
 
-def _keystore_in_env(profile: str) -> bool:
-    """Set, even empty: an empty one (a CI secret not defined for the job) is then said so
-    when the key is loaded, instead of "keystore is missing"."""
-    return any(name in os.environ for name in keystore_env_names(profile))
+def _keystore_env(profile: str, env: Mapping[str, str], admin_profile: str | None) -> str | None:
+    """The variable that holds the keystore: the first of keystore_env_names that is set and
+    not blank, else the first that is set, even empty (a CI secret not defined for the job is
+    then said so when the key is loaded, instead of "keystore is missing"). A client with an
+    admin_profile and no key yet takes only its own MPAGENT_KEYSTORE_B64_<PROFILE>: the
+    generic one is another client's key."""
+    names = keystore_env_names(profile)
+    if admin_profile is not None:
+        names = names[:-1]
+    present = [name for name in names if name in env]
+    filled = [name for name in present if env[name].strip()]
+    chosen = filled or present
+    return chosen[0] if chosen else None
 
 
 def _exchange(get: _Getter) -> tuple[str | None, str | None]:
@@ -604,6 +633,7 @@ def _http(t: Mapping[str, Any], file: Path) -> HttpSettings:
         listen=_listen(get, "the texas-compatible endpoint", "127.0.0.1:7164"),
         allow_uids=tuple(uids),
         allow_any_local=get.flag("allow_any_local"),
+        profile=get.text("profile"),
     )
 
 

@@ -33,6 +33,24 @@ def variable_names(
     return (full, PREFIX + name_part(scope)) if short else (full,)
 
 
+def variables(
+    profile: str,
+    overrides: Mapping[str, str],
+    tokens: Iterable[tuple[str, str, float]],
+    *,
+    short: bool,
+) -> dict[str, str]:
+    """(scope set, token, expires_at) of a profile's tokens → NAME and NAME_EXPIRES_AT
+    (integer epoch seconds) under the env file's names: the answer of `mpagent env`/`exec`.
+    A name two scope sets share holds the later one's, as in a shell."""
+    out: dict[str, str] = {}
+    for scope, token, expires_at in tokens:
+        for name in variable_names(profile, scope, overrides, short=short):
+            out[name] = token
+            out[name + "_EXPIRES_AT"] = str(int(expires_at))
+    return out
+
+
 def render(tokens: Iterable[tuple[str, str, float]]) -> str:
     """(name, token, expires_at) → file content, sorted by name so rewrites are stable."""
     lines = [HEADER]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mpagent import altinn, altinnapi, grant
-from mpagent.config import Config, Profile, keystore_env_names
+from mpagent.config import Config, Profile
 from mpagent.errors import ConfigError, IssuerRejected, KeystoreError, MpagentError
 from mpagent.issuer import Issuer, hint_for
 from mpagent.keys import Passwords, SigningKey, keystore_from_env, load_signing_key, usage_cause
@@ -174,11 +174,11 @@ def load_key(
 ) -> SigningKey:
     """The profile's signing key. Without `passwords`, they come from the profile's usual
     sources, with a prompt only in the foreground on a terminal. Without `keystore`, the
-    keystore comes from MPAGENT_KEYSTORE_B64_<PROFILE> or MPAGENT_KEYSTORE_B64, in memory."""
+    keystore comes from the variable config resolved (Profile.keystore_env), in memory."""
     path, data = profile.keystore, None
-    if path is None:
+    if path is None and profile.keystore_env is not None:
         try:
-            found = keystore_from_env(keystore_env_names(profile.name), os.environ)
+            found = keystore_from_env((profile.keystore_env,), os.environ)
         except KeystoreError as exc:
             raise KeystoreError(f"profile {profile.name}: {exc.message}", **exc.details) from None
         if found is not None:  # the variable names the keystore in messages

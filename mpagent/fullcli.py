@@ -38,7 +38,7 @@ def run(argv: list[str]) -> int:
         parser.print_help(sys.stderr)
         return 2
     log_to_stderr(args)
-    return fastcli.run(args)
+    return fastcli.run(args, in_process=in_process)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -679,6 +679,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
     document = json.loads(reply["json"]) if "json" in reply else {}
     for name, message in sorted((document.get("unusable") or {}).items()):
         say(f"profile {name} cannot be used: {message}")
+    if document.get("files"):
+        say(f"token files: {document['files']}")
     return 0
 
 
@@ -717,13 +719,31 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not command:
         say("exec needs a command: mpagent exec [--scope S] -- CMD ARGS")
         return 2
+    from mpagent.passwords import child_env
+
     pairs = env_without_agent(args) if args.no_agent else fastcli.ask_env(args)
-    env = {**os.environ, **dict(pairs)}
+    env = {**child_env(os.environ), **dict(pairs)}  # never the keystore or its passwords
     try:
         os.execvpe(command[0], command, env)
     except OSError as exc:
         say(f"cannot run {command[0]}: {exc.strerror}")
         return 127
+
+
+def in_process(args: Any) -> int | None:
+    """`get`, `env` and `exec` when no agent answers and the configuration's agent runs in
+    server mode (which clients never start, autostart.py): as with --no-agent, in this
+    process, nothing started or left behind. None for any other command."""
+    args.no_agent = True
+    if args.func in (fastcli.cmd_get, cmd_get):
+        return cmd_get(args)
+    if args.func is cmd_exec:
+        return cmd_exec(args)
+    if args.func is fastcli.cmd_env:
+        pairs = env_without_agent(args)
+        sys.stdout.write("".join(f"export {n}={fastcli.shell_quote(v)}\n" for n, v in pairs))
+        return 0
+    return None
 
 
 def env_without_agent(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -743,15 +763,13 @@ def env_without_agent(args: argparse.Namespace) -> list[tuple[str, str]]:
     exchange = open_exchange(cfg, profile)
     for warning in exchange.key.warnings:
         say(f"warning: {warning}")
-    variables: dict[str, str] = {}
-    short = profile.name == cfg.default_name
-    for scope in scopes:
-        token = exchange.fetch([scope])
-        for name in envfile.variable_names(
-            profile.name, scope_string([scope]), profile.env_names, short=short
-        ):
-            variables[name] = token.access_token
-            variables[name + "_EXPIRES_AT"] = str(int(token.expires_at))
+    tokens = [(scope, exchange.fetch([scope])) for scope in scopes]
+    variables = envfile.variables(
+        profile.name,
+        profile.env_names,
+        [(scope_string([s]), t.access_token, t.expires_at) for s, t in tokens],
+        short=profile.name == cfg.default_name,
+    )
     return list(variables.items())
 
 
@@ -842,14 +860,14 @@ def _check_password(profile: Profile, which: str, password: str) -> str:
         return ""
     if problem is not None:
         say(f"warning: {_but(profile, problem)}")
-    return f" (checked: it opens {profile.keystore})"
+    return f" (checked: it opens {profile.key_location})"
 
 
 def _unchecked(profile: Profile, which: str, problem: MpagentError | None) -> str:
     if problem is not None:
         return f"could not check the password: {problem.message}; storing it anyway"
     what = "the keystore password opens its key" if which == "key" else "it is not encrypted"
-    return f"{profile.keystore} needs no {which} password ({what}); storing it anyway"
+    return f"{profile.key_location} needs no {which} password ({what}); storing it anyway"
 
 
 def _but(profile: Profile, problem: MpagentError) -> str:
@@ -865,15 +883,15 @@ def _but(profile: Profile, problem: MpagentError) -> str:
 def _refusal(profile: Profile, which: str, exc: MpagentError) -> KeystoreError:
     flag = " --key" if which == "key" else ""
     what = (
-        f"the key of entry {exc.details.get('alias')!r} in {profile.keystore}"
+        f"the key of entry {exc.details.get('alias')!r} in {profile.key_location}"
         if which == "key"
-        else f"the keystore {profile.keystore}"
+        else f"the keystore {profile.key_location}"
     )
     return KeystoreError(
         f"that {which} password does not open {what} (profile {profile.name}); nothing "
         f"stored. Run `mpagent secret set {profile.name}{flag}` again with the right one",
         check=WRONG_CHECK[which],
-        source=str(profile.keystore),
+        source=str(profile.key_location),
     )
 
 
@@ -1168,7 +1186,8 @@ def _held(profile: Profile, kids: list[str]) -> set[str]:
     from mpagent.keys.generate import keys_dir
 
     held = {kid for kid in kids if (keys_dir() / f"{kid}.pem").is_file()}
-    if profile.kid is not None and profile.keystore is not None and profile.keystore.is_file():
+    in_file = profile.keystore is not None and profile.keystore.is_file()
+    if profile.kid is not None and (in_file or profile.keystore_env is not None):
         held.add(profile.kid)
     return held
 

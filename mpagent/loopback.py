@@ -94,7 +94,11 @@ class Request:
         parts = lines[0].split(" ") if lines else []
         if len(parts) != 3 or parts[2] not in ("HTTP/1.1", "HTTP/1.0") or parts[1][:1] != "/":
             raise Refusal("not an HTTP/1.1 request line")
-        self.method, target, self.body = parts[0], urlsplit(parts[1]), b""
+        try:  # a target urlsplit cannot take ("//[", an unclosed IPv6 literal) is no request
+            target = urlsplit(parts[1])
+        except ValueError:
+            raise Refusal("not an HTTP/1.1 request line") from None
+        self.method, self.body = parts[0], b""
         self.path, self.query = target.path, target.query
         self.headers: dict[str, str] = {}
         for line in lines[1:]:

@@ -1,7 +1,8 @@
 """The connections of the agent's loopback HTTP listeners (the token bridge, the
 texas-compatible endpoint): each peer's uid checked before a byte is read, connections counted
 per uid (loopback.Slots), the request read within the caps (loopback.Request), one answer,
-then closed. A subclass says whom it answers (`allowed`) and what (`answer`)."""
+then closed. A subclass says whom it answers (`allowed`) and what (`answer`), and what a
+refused peer hears (`refused_reply`: by default nothing, the connection reset)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,17 @@ import os
 import time
 from collections.abc import Mapping
 
+from mpagent.logs import RateLimit
 from mpagent.loopback import MAX_CLIENTS, MAX_HEAD, Refusal, Request, Slot, Slots, render
 from mpagent.peers import PEER_CHECK, peer
+
+# Unexpected errors serving a connection: a few tracebacks a minute, then a count (a peer
+# that can trigger one must not fill the log).
+bug_log = logging.getLogger(f"{__name__}.errors")
+bug_log.addFilter(RateLimit(burst=3))
+# Refused connections being answered at once (refused_reply), at most; beyond, reset.
+MAX_REFUSING = 16
+REFUSE_LINGER = 1.0  # s a refused peer's request is read (and discarded) after the answer
 
 
 class LoopbackServer:
@@ -31,6 +41,7 @@ class LoopbackServer:
         self.uid = os.getuid() if PEER_CHECK else None
         self.refused: dict[int | None, int] = {}  # connections refused, by peer uid
         self.server: asyncio.AbstractServer | None = None
+        self._refusing = 0  # refused connections being answered (refused_reply)
 
     def close(self) -> None:
         if self.server is not None:
@@ -52,11 +63,19 @@ class LoopbackServer:
     def refusal_headers(self, refusal: Refusal) -> Mapping[str, str]:
         return refusal.headers
 
+    def refused_reply(self, uid: int | None) -> bytes | None:
+        """The fixed answer for a peer the uid check refuses, or None: the connection reset."""
+        return None
+
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         address = ":".join(map(str, (writer.get_extra_info("peername") or ("?", "?"))[:2]))
-        slot = self._admit(writer, address)
-        if slot is None:  # a user not answered, or no room: closed before a byte is read
-            writer.transport.abort()
+        slot, refused = self._admit(writer, address)
+        if slot is None:  # a user not answered, or no room: no byte of the request is parsed
+            reply = self.refused_reply(refused[1]) if refused else None
+            if reply is None or self._refusing >= MAX_REFUSING:
+                writer.transport.abort()
+            else:
+                await self._refuse(reader, writer, reply)
             return
         try:
             reply = await self._reply(reader, address, slot)
@@ -66,14 +85,38 @@ class LoopbackServer:
         except (ConnectionError, TimeoutError) as exc:
             self.log.debug("%s: %s went away: %s", self.name, address, type(exc).__name__)
         except Exception:  # connection boundary: a bug here must not reach the agent
-            self.log.exception("%s: unexpected error serving %s", self.name, address)
+            bug_log.exception("%s: unexpected error serving %s", self.name, address)
         finally:
             self.slots.release(slot)
             writer.close()  # the reply is small: the kernel takes it even from a peer not reading
 
-    def _admit(self, writer: asyncio.StreamWriter, address: str) -> Slot | None:
+    async def _refuse(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: bytes
+    ) -> None:
+        """`reply` without parsing the request: written, the write side shut, and what the
+        peer sends discarded for up to REFUSE_LINGER s, so that closing with its request
+        unread does not reset the connection before it reads the answer."""
+        self._refusing += 1
+        try:
+            async with asyncio.timeout(REFUSE_LINGER):
+                writer.write(reply)
+                await writer.drain()
+                if writer.can_write_eof():
+                    writer.write_eof()
+                while await reader.read(MAX_HEAD):
+                    pass
+        except (ConnectionError, TimeoutError):
+            pass
+        finally:
+            self._refusing -= 1
+            writer.close()
+
+    def _admit(
+        self, writer: asyncio.StreamWriter, address: str
+    ) -> tuple[Slot | None, tuple[bool, int | None] | None]:
         """A slot for a connection of a user answered (of anyone, where the platform cannot
-        tell), or None; each kind of refusal logged once a minute at most."""
+        tell), or None and, when the uid check refused it, (True, the peer's uid); each kind
+        of refusal logged once a minute at most."""
         uid = None  # where the platform cannot tell, all peers share one count
         if PEER_CHECK:
             here, there = writer.get_extra_info("sockname"), writer.get_extra_info("peername")
@@ -88,13 +131,13 @@ class LoopbackServer:
                     who,
                     self.answers(),
                 )
-                return None
+                return None, (True, uid)
         slot = self.slots.admit(uid, time.monotonic(), writer.transport.abort)
         if slot is None:
             self.peer_log.warning(
                 "%s: %d connections busy; dropping %s", self.name, MAX_CLIENTS, address
             )
-        return slot
+        return slot, None
 
     async def _reply(self, reader: asyncio.StreamReader, address: str, slot: Slot) -> bytes:
         try:

@@ -24,9 +24,11 @@ keyring and the command may block, so the agent calls this only from a worker th
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shlex
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,15 +50,25 @@ COMMAND_SETTINGS = {"keystore": "password_command", "key": "key_password_command
 CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
 COMMAND_TIMEOUT = 10.0
 SOURCES = ("unlock", "env", "file", "command", "credential", "keyring", "prompt")
+# The variables that hold a keystore (config.KEYSTORE_B64_ENV) or a password, each also with
+# _<PROFILE>: never passed on to a program mpagent runs (`exec`'s, a password_command).
+SECRET_ENV = ("MPAGENT_KEYSTORE_B64", KEYSTORE_ENV, KEY_ENV)
 
 NO_KEYRING_HINT = (
     f"Without a keyring, a profile's password can come from {KEYSTORE_ENV}_<PROFILE> (or "
     f"{KEYSTORE_ENV}; {KEY_ENV}_<PROFILE> for a key with its own password) in the environment "
-    "of the agent or of `mpagent get --no-agent`, from password_command in the profile, from "
-    "a systemd credential, or from `mpagent unlock PROFILE`"
+    "of the agent or of `mpagent get --no-agent`, from password_command or password_file in "
+    "the profile, from a systemd credential, or from `mpagent unlock PROFILE`"
 )
 
 log = logging.getLogger(__name__)
+
+
+def child_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` without SECRET_ENV's variables: what a program mpagent starts may see. It gets
+    its token (exec) or prints a password (password_command); the keystore and the other
+    passwords are none of its business."""
+    return {k: v for k, v in env.items() if not k.startswith(SECRET_ENV)}
 
 
 def env_names(profile: str, which: str) -> tuple[str, ...]:
@@ -322,8 +334,8 @@ class ProfilePasswords:
             return self._prompt(which), "prompt", "the prompt"
         return None, "", "no source"
 
-    def _command_env(self) -> Mapping[str, str] | None:
-        return None if self._env is os.environ else dict(self._env)
+    def _command_env(self) -> Mapping[str, str]:
+        return child_env(self._env)
 
     def _credential(self, which: str) -> str | None:
         """$CREDENTIALS_DIRECTORY/<profile>.<which>, without one trailing newline (an
@@ -407,7 +419,8 @@ class ProfilePasswords:
         if source == "env":
             return (
                 f"put the right one in {named}, or unset it to use the next source "
-                f"({COMMAND_SETTINGS[which]}, a systemd credential, `mpagent secret set {p}{flag}`)"
+                f"({COMMAND_SETTINGS[which]}{', password_file' if which == 'keystore' else ''}, "
+                f"a systemd credential, `mpagent secret set {p}{flag}`)"
             )
         if source == "command":
             return f"make {named} print the right one"
@@ -431,19 +444,40 @@ def _no_keyring(profile: str, which: str) -> None:
 def secret_file(path: Path, profile: str) -> str:
     """The password in `path` (password_file) without one trailing newline. What a mounted
     Kubernetes Secret looks like passes: a symlink (through ..data/) to a file owned by root,
-    mode 0440 or 0644. Refused: a file someone other than its owner may write, or owned by
-    another user than root or us: whoever may change it decides whether the profile works."""
+    mode 0440 or 0644, in a root-owned 0755 directory. Refused: a file someone other than its
+    owner may write, or owned by another user than root or us, or in a directory another
+    user may write (who could swap the file): whoever may change it decides whether the
+    profile works. The file is opened once and what is checked is what is read (fstat)."""
     named = f"profile {profile}: password_file {path}"
     fix = f"fix password_file in [profiles.{profile}]"
     try:
-        st = os.stat(path)
-        data = read_regular(path)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO cannot wedge
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            _check_secret_file(st, path, named)
+            data = f.read(MAX_SECRET + 1)
     except FileNotFoundError:
         raise SecretUnavailable(f"{named} does not exist; {fix}", check="password_file") from None
     except OSError as exc:
         raise SecretUnavailable(
             f"{named} cannot be read: {exc.strerror or exc}; {fix}", check="password_file"
         ) from None
+    if len(data) > MAX_SECRET:
+        raise SecretUnavailable(
+            f"{named} is larger than {MAX_SECRET // 1024} KiB, which no password is; {fix}",
+            check="password_file",
+        )
+    return _secret_text(data, named, "write the password into it, as one line")
+
+
+MAX_SECRET = 64 * 1024
+
+
+def _check_secret_file(st: os.stat_result, path: Path, named: str) -> None:
+    """password_file's owner and mode (from the open file) and its final directory's."""
+    directory = Path(os.path.realpath(path)).parent
     if sys.platform != "win32":
         mode = st.st_mode & 0o7777
         if mode & 0o022:
@@ -459,7 +493,20 @@ def secret_file(path: Path, profile: str) -> str:
                 f"(uid {os.getuid()}); chown it to one of them",
                 check="password_file",
             )
-    return _secret_text(data, named, "write the password into it, as one line")
+        dst = os.stat(directory)
+        writable = dst.st_mode & 0o022 and not dst.st_mode & stat.S_ISVTX
+        if writable or dst.st_uid not in (0, os.getuid()):
+            raise SecretUnavailable(
+                f"{named} is in {directory}, which "
+                + (
+                    f"others may write (mode {dst.st_mode & 0o7777:04o})"
+                    if writable
+                    else f"belongs to uid {dst.st_uid}"
+                )
+                + ", so another user could put their own file there; keep it in a directory "
+                "owned by root or this agent's user that only its owner may write",
+                check="password_file",
+            )
 
 
 def _secret_text(data: bytes, named: str, fix: str) -> str:

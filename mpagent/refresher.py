@@ -40,6 +40,17 @@ MAX_ON_DEMAND_KEYS = 1000
 # their own, so that many customer organisations (rejected ones included) cannot lock out the
 # plain on-demand keys until idle_timeout.
 MAX_CUSTOMER_KEYS = 500
+# Keys of texas requests' own resource / authorization_details (the HTTP endpoint's callers,
+# who may be other uids, [http] allow_uids): a cap of their own, smaller, so that they can
+# neither lock out `get --systemuser-org` nor make the agent keep (and refresh) many keys.
+MAX_REQUEST_CLAIM_KEYS = 100
+# texas's skip_cache serves a token fetched at most this long ago instead of fetching again:
+# a caller asking in a loop costs one issuer request (and one env-file / token-file write for
+# a configured key) per SKIP_CACHE_AGE s, not one each.
+SKIP_CACHE_AGE = 5.0
+# Tokens of one key kept for introspection (texas's /api/v1/introspect): a client may hold
+# any of them until it expires, refreshes or skip_cache notwithstanding.
+KEPT_ISSUED = 8
 # Token requests in flight towards one issuer, at most: half of the agent's 8 fetch threads,
 # so an issuer that answers a byte at a time (each request then lasts its whole deadline)
 # cannot take the threads every other issuer's refreshes need.
@@ -135,7 +146,9 @@ class Entry:
         # profile's own).
         self.customer, self.claims = customer, claims
         self.token: Token | None = None
-        self.previous: Token | None = None  # the token `token` replaced: clients may hold it
+        # The tokens issued for this key, newest last (`token` among them), KEPT_ISSUED at
+        # most: clients may hold any of them until it expires (introspection).
+        self.issued: collections.deque[Token] = collections.deque(maxlen=KEPT_ISSUED)
         self.error: MpagentError | None = source.error
         self.failures = 0
         self.retry_at: float | None = None
@@ -159,7 +172,7 @@ class Entry:
         return self.soft_at
 
     def succeed(self, token: Token, rand: float) -> None:
-        self.previous = self.token
+        self.issued.append(token)
         self.token, self.error, self.failures, self.retry_at = token, None, 0, None
         self.expiry_noted = False
         self.soft_at = tokens.soft_deadline(token, rand)
@@ -186,6 +199,9 @@ class Entry:
             "exchange": self.source.profile.exchange_name,
             "systemuser_org": customer.systemuser_org,
             "consumer_org": customer.consumer_org,
+            # A texas request's own resource / authorization_details: the two rows of one
+            # scope are told apart (report.py's FOR column).
+            "claims": _claims_label(customer.claims),
             "configured": self.pinned,
             "expires_at": t.expires_at if t else None,
             "valid": bool(t and t.expires_at > now),
@@ -282,9 +298,12 @@ class Refresher:
         scopes: list[str],
         min_ttl: float | None,
         customer: Customer | None = None,
+        *,
+        cli: bool = True,
     ) -> Token:
         """A token with at least min_ttl left (for `customer`, when given): from the cache,
-        else from the single in-flight refresh, else the last error."""
+        else from the single in-flight refresh, else the last error (`cli`: saying which
+        `mpagent refresh` tries now; False for an HTTP caller, who has no CLI)."""
         entry = self._entry(profile, scopes, customer)
         give_up_at = self.clock() + GET_WAIT
         while True:
@@ -299,7 +318,7 @@ class Refresher:
             if entry.inflight is None:
                 retry_at = entry.retry_at or now
                 if retry_at > now:
-                    self._give_up_unless_transient(entry, retry_at, give_up_at)
+                    self._give_up_unless_transient(entry, retry_at, give_up_at, cli)
                     await asyncio.sleep(retry_at - now)
                     continue
                 self._start(entry)
@@ -308,7 +327,7 @@ class Refresher:
             if tokens.usable(entry.token, self.clock(), min_ttl):
                 continue
             if entry.error is not None:
-                self._give_up_unless_transient(entry, entry.retry_at or 0.0, give_up_at)
+                self._give_up_unless_transient(entry, entry.retry_at or 0.0, give_up_at, cli)
                 continue
             if entry.token is not None:
                 raise MpagentError(
@@ -317,26 +336,41 @@ class Refresher:
                 )
 
     async def fresh(
-        self, profile: str | None, scopes: list[str], customer: Customer | None = None
+        self,
+        profile: str | None,
+        scopes: list[str],
+        customer: Customer | None = None,
+        *,
+        cli: bool = True,
     ) -> Token:
-        """texas's skip_cache: a token fetched after the request came, by the refresh in flight
-        when there is one (so a burst of such requests costs one issuer request, not one
-        each), else by one started now. During a backoff after a failed fetch it answers as
-        `get` does: the held token while it lasts, else after the backoff, or the error."""
+        """texas's skip_cache: a token fetched within the last SKIP_CACHE_AGE s (5 s), else
+        one fetched after the request came, by the refresh in flight when there is one (so a
+        burst of such requests costs one issuer request, not one each), else by one started
+        now. A caller asking in a loop so costs one issuer request per SKIP_CACHE_AGE s.
+        During a backoff after a failed fetch it answers as `get` does: the held token while
+        it lasts, else after the backoff, or the error."""
         entry = self._entry(profile, scopes, customer)
+        token, now = entry.token, self.clock()
+        recent = token is not None and 0 <= now - token.requested_at < SKIP_CACHE_AGE
+        if recent and tokens.usable(token, now, None):
+            assert token is not None
+            return token
         if entry.inflight is None:
             retry_at = entry.retry_at
-            if entry.source.exchange is None or (retry_at and retry_at > self.clock()):
-                return await self.get(profile, scopes, None, customer)
+            if entry.source.exchange is None or (retry_at and retry_at > now):
+                return await self.get(profile, scopes, None, customer, cli=cli)
             self._start(entry)
         assert entry.inflight is not None
         before = entry.refreshes
         await asyncio.shield(entry.inflight)
         if entry.refreshes > before and entry.token is not None:
             return entry.token
-        return await self.get(profile, scopes, None, customer)  # its error, said as get says it
+        # its error, said as get says it
+        return await self.get(profile, scopes, None, customer, cli=cli)
 
-    def _give_up_unless_transient(self, entry: Entry, retry_at: float, give_up_at: float) -> None:
+    def _give_up_unless_transient(
+        self, entry: Entry, retry_at: float, give_up_at: float, cli: bool = True
+    ) -> None:
         """A `get` waits out a short backoff after a transient failure; a rejection, a
         configuration error or a retry beyond its patience fails it with the last error,
         saying when the agent tries again and how to make it try now."""
@@ -349,10 +383,8 @@ class Refresher:
         again = f"the agent tries again in {wait:.0f} s"
         if entry.waits_for_a_client:
             again += " at the earliest, when a client asks"
-        raise type(exc)(
-            f"{exc.message} ({again}; `mpagent refresh {profile}` tries now)",
-            **exc.details,
-        )
+        now_hint = f"; `mpagent refresh {profile}` tries now" if cli else ""
+        raise type(exc)(f"{exc.message} ({again}{now_hint})", **exc.details)
 
     def _entry(
         self, profile: str | None, scopes: list[str], customer: Customer | None = None
@@ -371,18 +403,21 @@ class Refresher:
         return entry
 
     def _check_cap(self, key: TokenKey, customer: Customer | None) -> None:
-        """Room for a new on-demand key: per-customer keys have a cap of their own."""
-        kept = sum(
-            not e.pinned and (e.customer is None) == (customer is None)
-            for e in self.entries.values()
-        )
+        """Room for a new on-demand key: per-customer keys and texas requests' own claims have
+        caps of their own."""
+        kind = _kind(customer)
+        kept = sum(not e.pinned and _kind(e.customer) == kind for e in self.entries.values())
         idle = f"idle_timeout = {self.idle_timeout:g} s"
         wait = f"wait: a key nobody asks for is dropped after {idle}"
-        if customer is not None and kept >= MAX_CUSTOMER_KEYS:
+        if kind == "claims" and kept >= MAX_REQUEST_CLAIM_KEYS:
+            raise MpagentError(
+                f"too many distinct resource / authorization_details at once: the agent keeps "
+                f"tokens for {MAX_REQUEST_CLAIM_KEYS} of them at most; {wait}"
+            )
+        if kind == "customer" and kept >= MAX_CUSTOMER_KEYS:
             raise MpagentError(
                 f"too many customer organisations at once: {MAX_CUSTOMER_KEYS}; the agent "
-                f"keeps tokens for that many (systemuser_org / consumer_org, and texas requests' "
-                f"resource / authorization_details) at most; {wait}"
+                f"keeps tokens for that many (systemuser_org / consumer_org) at most; {wait}"
             )
         if customer is None and kept >= MAX_ON_DEMAND_KEYS:
             raise MpagentError(
@@ -491,6 +526,26 @@ class Refresher:
     def status(self) -> list[dict[str, Any]]:
         now = self.clock()
         return [e.status(now) for _, e in sorted(self.entries.items())]
+
+
+def _kind(customer: Customer | None) -> str:
+    """Which cap a key counts against: plain on-demand, per-customer, or a request's claims."""
+    if customer is None:
+        return "plain"
+    return "claims" if customer.claims else "customer"
+
+
+def _claims_label(claims: str | None) -> str | None:
+    """A texas request's own claims, short, for status: "resource=URI", the details' types."""
+    if claims is None:
+        return None
+    parsed = json.loads(claims)
+    parts = [f"resource={parsed['resource']}"] if "resource" in parsed else []
+    details = parsed.get("authorization_details") or []
+    types = ",".join(str(d.get("type")) for d in details if isinstance(d, dict))
+    if types:
+        parts.append(f"authorization_details={types}")
+    return " ".join(parts) or "claims"
 
 
 def _for(customer: Customer | None) -> str:

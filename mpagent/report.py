@@ -25,6 +25,8 @@ def _customer(token: dict[str, Any]) -> str:
         return f"systemuser {token['systemuser_org']}"
     if token.get("consumer_org"):
         return f"consumer {token['consumer_org']}"
+    if token.get("claims"):  # a texas request's own resource / authorization_details
+        return str(token["claims"])
     return "-"
 
 
@@ -53,9 +55,13 @@ def status(doc: dict[str, Any], now: float | None = None) -> str:
     http = doc.get("http") or {}
     if http.get("listen"):
         lines.append(
-            f"http      texas-compatible on {http['url']}; answers {http['peer_check']}"
-            if http.get("serving")
-            else f"http      OFF: {http.get('error')}"
+            (
+                f"http      texas-compatible on {http['url']}; answers {http['peer_check']}"
+                if http.get("serving")
+                else f"http      OFF: {http.get('error')}"
+            )
+            + (f"  NOT SERVING: {http['profile_error']}" if http.get("profile_error") else "")
+            + (f"  ({http['pending']})" if http.get("pending") else "")
         )
     for name, state in doc.get("passwords", {}).items():
         if state:

@@ -145,7 +145,13 @@ def _new_state(cfg: Config, prof: Profile, now: float) -> dict[str, Any]:
     from mpagent import adminapi
     from mpagent.keys.generate import keys_dir, new_kid
 
-    if prof.keystore is None:
+    if prof.keystore is None and prof.keystore_env is not None:
+        raise ConfigError(
+            f"profile {prof.name} reads its keystore from {prof.keystore_env}, which rotate "
+            'cannot replace; rotate where the profile has keystore = "FILE", then put the '
+            f"new keystore in {prof.keystore_env} (base64)"
+        )
+    if prof.key_location is None:
         raise ConfigError(
             f"profile {prof.name} has no key yet, so there is none to rotate; create one: "
             f"mpagent keys create --profile {prof.name} --switch"

@@ -40,8 +40,12 @@ directories 0700. 0640 shares them with a group (a sidecar's app reading a share
 profile directories 0750, owned by `group` (set-group-ID, so new files inherit it) or, without
 `group`, by whatever group the directory inherits (Kubernetes' fsGroup on an emptyDir). Nothing
 is ever readable by others. The profile directories are the agent's: one agent per `dir`. The
-`dir` itself may be a volume the agent does not own (an emptyDir); if missing it is created
-like the profile directories.
+`dir` itself may be a volume the agent does not own, but only root's (an emptyDir) or the
+agent's user's; if missing it is created like the profile directories. It must be a real
+directory (not a symlink) that no other user can write (unless sticky, like /tmp): whoever
+can rename entries in it could put a profile directory with their own token in place of
+ours. Server mode alone accepts a `dir` others can write, with one warning: Kubernetes'
+emptyDir is 0777, the manifests mount it read-only in the app, and the pod is the boundary.
 """
 
 from __future__ import annotations
@@ -55,11 +59,12 @@ import re
 import stat
 import sys
 import threading
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 from mpagent.errors import ConfigError
-from mpagent.private import ensure_private_dir, read_regular, remove_leftovers, write_atomic
+from mpagent.private import read_regular, remove_leftovers, write_atomic
 from mpagent.tokens import Token, scope_string
 
 JWT = ".jwt"
@@ -166,13 +171,20 @@ class TokenFiles:
     """Writes and removes the token files under `directory`. Thread-safe; one per directory."""
 
     def __init__(
-        self, directory: Path, file_mode: int = 0o600, group: str | int | None = None
+        self,
+        directory: Path,
+        file_mode: int = 0o600,
+        group: str | int | None = None,
+        *,
+        server_mode: bool = False,
     ) -> None:
         check_mode(file_mode, group)
         self.directory = directory
         self.file_mode = file_mode
         self.gid = None if group is None else _gid(group)
         self.group = group
+        self.server_mode = server_mode  # `check_dir`: a dir others can write is accepted
+        self._warned = False
         self._lock = threading.Lock()
 
     def paths(self, profile: str, scope_set: str) -> tuple[Path, Path]:
@@ -221,6 +233,7 @@ class TokenFiles:
 
     def _profile_dirs(self) -> list[Path]:
         try:
+            self.check_dir()
             entries = list(self.directory.iterdir())
         except FileNotFoundError:
             return []
@@ -236,30 +249,74 @@ class TokenFiles:
         return dirs
 
     def _ensure_dir(self, path: Path) -> None:
-        """A profile directory as the file mode wants it, and `dir` if it is missing."""
-        if not self.file_mode & 0o040:
-            ensure_private_dir(path)
-            return
-        # As ensure_private_dir, for 0750: each missing directory made 0700 and only then
-        # opened to the group, and an existing profile directory must be ours and no more open.
+        """`dir` (made if missing, then checked: `check_dir`) and the profile directory `path`
+        in it, as the file mode wants it: 0700, or 0750 for the group (each made 0700 and
+        only then opened); an existing one must be ours and no more open."""
+        shared = bool(self.file_mode & 0o040)
         for directory in [*reversed([p for p in path.parents if not p.exists()]), path]:
+            if directory == path:
+                self.check_dir()
+            made = True
             try:
                 directory.mkdir(mode=0o700)
             except FileExistsError:
                 if directory != path:
                     continue
-                st = directory.lstat()
-                mode = stat.S_IMODE(st.st_mode)
-                if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-                    raise ConfigError(
-                        f"{directory} is not a directory of yours; remove it, or change [files] dir"
-                    ) from None
-                if mode & 0o777 & ~SHARED_DIR_MODE:
-                    raise ConfigError(
-                        f"{directory} is open to others (mode {mode:04o}); run "
-                        f"`chmod 750 {directory}` or remove it"
-                    ) from None
-            self._share(directory)
+                _check_profile_dir(path, SHARED_DIR_MODE if shared else 0o700)
+                made = False
+            if shared:
+                try:
+                    self._share(directory)
+                except ConfigError:
+                    if made:  # not left behind half-made (without the group it needs)
+                        directory.rmdir()
+                    raise
+
+    def check_dir(self) -> None:
+        """`dir` itself, before anything is written or removed in it: a real directory (not a
+        symlink), owned by the agent's user or root, and not writable by group or others
+        unless sticky (/tmp-like: others cannot rename or remove what is ours). Otherwise
+        another user could swap in a profile directory of their own and readers would read
+        their token. In server mode a directory others can write is accepted with one
+        warning: Kubernetes' emptyDir is 0777, the manifests mount it read-only in the app,
+        and the pod is the boundary."""
+        if sys.platform == "win32":  # ACLs, not modes: the user's directories are closed
+            return
+        directory = self.directory
+        st = directory.lstat()
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISLNK(st.st_mode):
+            raise ConfigError(
+                f"[files] dir {directory} is a symlink (to {os.readlink(directory)}); whoever "
+                "can change it chooses what readers read: write the real directory as [files] dir"
+            )
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(
+                f"[files] dir {directory} exists and is not a directory; remove it, or change "
+                "[files] dir"
+            )
+        if st.st_uid not in (os.getuid(), 0):
+            raise ConfigError(
+                f"[files] dir {directory} belongs to uid {st.st_uid}, not to you or root, who "
+                "could replace the token files readers read; change [files] dir to a directory "
+                "of yours"
+            )
+        if mode & 0o022 and not mode & stat.S_ISVTX:
+            if not self.server_mode:
+                raise ConfigError(
+                    f"[files] dir {directory} can be written by other users (mode {mode:04o}), "
+                    f"who could replace the token files readers read; run `chmod go-w "
+                    f"{directory}`, or change [files] dir (only server mode, in a pod whose "
+                    "emptyDir is 0777, accepts it)"
+                )
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "[files] dir %s can be written by others (mode %04o): accepted in server "
+                    "mode (a pod's emptyDir; the app should mount it read-only)",
+                    directory,
+                    mode,
+                )
 
     def _share(self, directory: Path) -> None:
         """Open a directory of ours to `group` (set-group-ID: files made in it get the group),
@@ -301,6 +358,23 @@ def _gid(group: str | int) -> int:
         ) from None
 
 
+def _check_profile_dir(path: Path, most: int) -> None:
+    """An existing profile directory: a directory (not a symlink) of ours, no more open
+    than `most`."""
+    st = path.lstat()
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{path} exists and is not a directory; remove it, or change [files] dir")
+    if sys.platform != "win32" and st.st_uid != os.getuid():
+        raise ConfigError(
+            f"{path} belongs to uid {st.st_uid}, not to you; remove it, or change [files] dir"
+        )
+    if sys.platform != "win32" and mode & 0o777 & ~most:
+        raise ConfigError(
+            f"{path} is open to others (mode {mode:04o}); run `chmod {most:o} {path}` or remove it"
+        )
+
+
 def _ours(stem: str) -> bool:
     return decode_part(stem) is not None or LONG_PART.fullmatch(stem) is not None
 
@@ -329,17 +403,24 @@ def _remove_if_expired(stem: Path, now: float) -> list[Path]:
 class TokenFilesWriter:
     """The agent's token files, kept in step with the tokens it holds: `sync` writes the
     new and replaced ones and removes those no longer held (expired, or their profile or
-    scope gone from the configuration), `close` removes every file it wrote. Both run on
-    one thread (the agent's io thread); `status` may be read from another. A failure is
-    logged once per kind until the files are written again, and shown by `status`; it never
-    raises: the tokens are still served."""
+    scope gone from the configuration), `close` removes every file it wrote. `sync` runs on
+    one thread (the agent's io thread); `status`, `problem` and `close` may be called from
+    another (the event loop). A failure is logged once per kind until the files are written
+    again, and shown by `status` and `problem`; it never raises: the tokens are still served.
 
-    def __init__(self) -> None:
+    When new settings (a reload) fail, the files of the previous working settings are kept,
+    and kept up to date, until the new ones work: readers keep reading."""
+
+    def __init__(self, *, server_mode: bool = False) -> None:
+        self.server_mode = server_mode  # TokenFiles.check_dir: an emptyDir others can write
         self.files: TokenFiles | None = None
-        self.closed = False  # set by the agent at stop: no more syncs
+        self.closed = False  # `close` was called: no more writes
         self._settings: tuple[Path, int, str | int | None] | None = None
         self._setup_error: str | None = None
-        self._written: dict[tuple[str, str], tuple[TokenFiles, Token]] = {}
+        self._working: TokenFiles | None = None  # the last settings that wrote every file
+        # (writer, profile, scope set) -> the token its files hold
+        self._written: dict[tuple[TokenFiles, str, str], Token] = {}
+        self._lock = threading.Lock()  # one file pair at a time; `close` waits for it
         self.error: str | None = None
         self._logged: set[str] = set()
 
@@ -353,64 +434,120 @@ class TokenFilesWriter:
     ) -> bool:
         """Make the files say `wanted` ((profile, scope set) -> token) under `directory`
         (None: no files), first removing the expired files an earlier run left there (each
-        time: those still valid at start expire later). False when something failed (worth
-        trying again)."""
+        time: those still valid at start expire later). While the settings fail, the
+        previous working ones keep their files. False when something failed (worth trying
+        again)."""
+        if self.closed:
+            return True
         failures: list[tuple[str, str]] = []
         settings = None if directory is None else (directory, file_mode, group)
         if settings != self._settings:
             self._settings, self.files, self._setup_error = settings, None, None
+            self._logged.clear()  # new settings: their failure is said, even of a known kind
             if directory is not None:
                 try:
-                    self.files = TokenFiles(directory, file_mode, group)
+                    self.files = TokenFiles(
+                        directory, file_mode, group, server_mode=self.server_mode
+                    )
                 except ConfigError as exc:
                     self._setup_error = exc.message
         if self._setup_error is not None:
             failures.append(("setup", self._setup_error))
+        # Files no longer wanted go first (the expiry sweep below would remove some anyway).
+        self._remove(lambda owner, key: key in wanted, failures)
         files = self.files
-        for key, (owner, _) in list(self._written.items()):
-            if owner is files and key in wanted:
-                continue
-            try:
-                owner.remove(*key)
-                del self._written[key]
-            except OSError as exc:
-                failures.append(_failure("cannot remove token files in", owner.directory, exc))
         if files is not None:
             try:  # `now - 1`: expires_at is rounded down, so none of ours (unexpired) goes
                 if removed := files.remove_expired(now - 1):
                     log.info("removed %d expired token files an earlier run left", len(removed))
             except (OSError, ConfigError) as exc:
                 failures.append(_failure("cannot clear expired token files in", directory, exc))
-        for key, token in wanted.items():
-            if files is None or (key in self._written and self._written[key][1] is token):
-                continue
-            try:
-                files.write(*key, token)
-                self._written[key] = (files, token)
-            except (OSError, ConfigError) as exc:
-                failures.append(_failure("cannot write token files in", directory, exc))
+            self._write(files, wanted, failures)
+        if not failures:
+            self._working = files
+        if self._working is not files and self._working is not None:
+            kept_note = f"; the files in {self._working.directory} are kept until this is fixed"
+            failures = [(kind, message + kept_note) for kind, message in failures]
+            self._write(self._working, wanted, [])
+        kept = {files, self._working}
+        self._remove(lambda owner, key: owner in kept, failures)  # earlier settings' files
         self._report(failures)
         return not failures
 
-    def close(self) -> None:
-        """At stop: remove every file this writer wrote (as the env file is removed)."""
-        for key, (owner, _) in list(self._written.items()):
+    def _remove(
+        self,
+        keep: Callable[[TokenFiles, tuple[str, str]], bool],
+        failures: list[tuple[str, str]],
+    ) -> None:
+        for entry in list(self._written):
+            owner, profile, scope_set = entry
+            if keep(owner, (profile, scope_set)):
+                continue
             try:
-                owner.remove(*key)
-                del self._written[key]
+                with self._lock:
+                    owner.remove(profile, scope_set)
+                    del self._written[entry]
             except OSError as exc:
-                log.error("%s", _failure("cannot remove token files in", owner.directory, exc)[1])
+                failures.append(_failure("cannot remove token files in", owner.directory, exc))
+
+    def _write(
+        self,
+        files: TokenFiles,
+        wanted: dict[tuple[str, str], Token],
+        failures: list[tuple[str, str]],
+    ) -> None:
+        for key, token in wanted.items():
+            if self._written.get((files, *key)) is token:
+                continue
+            try:
+                with self._lock:
+                    if self.closed:
+                        return
+                    files.write(*key, token)
+                    self._written[(files, *key)] = token
+            except (OSError, ConfigError) as exc:
+                failures.append(_failure("cannot write token files in", files.directory, exc))
+
+    def close(self) -> None:
+        """At stop: no more writes, then remove every file this writer wrote (as the env
+        file is removed). Unlinks only, so quick, and callable from any thread (the event
+        loop's included): it waits at most for the one file pair a `sync` is writing, and a
+        `sync` still queued does nothing."""
+        with self._lock:
+            self.closed = True
+            for owner, profile, scope_set in list(self._written):
+                try:
+                    owner.remove(profile, scope_set)
+                    del self._written[(owner, profile, scope_set)]
+                except OSError as exc:
+                    message = _failure("cannot remove token files in", owner.directory, exc)[1]
+                    log.error("%s", message)
 
     def status(self) -> dict[str, Any] | None:
-        """`status()["files"]`: the directory, how many scope sets have files, the last
-        failure; None without [files]."""
+        """`status()["files"]`: the directory, how many scope sets have files there, the
+        last failure; None without [files]."""
         if self._settings is None and not self._written:
             return None
+        files = self.files
         return {
             "dir": str(self._settings[0]) if self._settings else None,
-            "count": len(self._written),
+            "count": sum(1 for owner, *_ in list(self._written) if owner is files),
             "error": self.error,
         }
+
+    def problem(self, wanted: Collection[tuple[str, str]]) -> str | None:
+        """For /healthz with [files] dir set: why the files of `wanted` (the (profile, scope
+        set) of each token held) are not all there under the current settings (the last
+        failure, or the sets not written yet), or None when they are."""
+        if self.error is not None:
+            return f"token files: {self.error}"
+        files = self.files
+        written = {(p, s) for owner, p, s in list(self._written) if owner is files}
+        missing = sorted(set(wanted) - written) if self._settings is not None else []
+        if missing:
+            sets = ", ".join(f"{p} {s!r}" for p, s in missing)
+            return f"token files not written yet for {sets}"
+        return None
 
     def _report(self, failures: list[tuple[str, str]]) -> None:
         if not failures:

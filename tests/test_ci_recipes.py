@@ -69,10 +69,11 @@ def keystore_b64(p12_bytes: bytes) -> str:
 
 
 def runner_env(home: Path, **extra: str) -> dict[str, str]:
-    """A runner's environment: PATH (this venv's mpagent first), HOME and the XDG dirs of
-    the test, nothing of mpagent's own."""
+    """A runner's environment: PATH (this venv's mpagent first), HOME, TMPDIR and the XDG
+    dirs of the test, nothing of mpagent's own."""
     keep = ("HOME", "XDG_CONFIG_HOME", "XDG_RUNTIME_DIR", "XDG_STATE_HOME", "XDG_DATA_HOME")
     env = {k: os.environ[k] for k in keep}
+    env["TMPDIR"] = str(job_tmp(home))
     env["PATH"] = VENV_BIN + os.pathsep + os.environ["PATH"]
     env["PYTHON_KEYRING_BACKEND"] = "keyring.backends.fail.Keyring"  # a runner has none
     return {**env, **extra}
@@ -102,26 +103,71 @@ def github_expressions(text: str, values: dict[str, str]) -> str:
     return re.sub(r"\$\{\{(.*?)\}\}", fill, text)
 
 
+def job_tmp(home: Path) -> Path:
+    """The job's TMPDIR (in the test's HOME)."""
+    tmp = home / "job-tmp"
+    tmp.mkdir(exist_ok=True)
+    return tmp
+
+
+def snapshot(home: Path) -> set[Path]:
+    """Every path under the places a job could write to, before it runs: what it adds is
+    what the checks look at (/tmp: only entries new since, the rest of it is not ours)."""
+    roots = [home, Path(os.environ["XDG_RUNTIME_DIR"]), Path("/tmp")]
+    found: set[Path] = set()
+    for root in roots:
+        found.update(_walk(root, top_only=root == Path("/tmp")))
+    return found
+
+
+def _walk(root: Path, *, top_only: bool = False) -> list[Path]:
+    try:
+        return list(root.iterdir()) if top_only else list(root.rglob("*"))
+    except OSError:
+        return []
+
+
 def is_install(command: str) -> bool:
     return bool(re.fullmatch(r'python -m pip install "\$MPAGENT_PACKAGE"', command.strip()))
 
 
 def assert_job_left_nothing(
-    work: Path, home: Path, p12_bytes: bytes, emulator: Emulator, result: Any
+    work: Path,
+    home: Path,
+    p12_bytes: bytes,
+    emulator: Emulator,
+    result: Any,
+    before: set[Path],
 ) -> None:
-    """deploy.sh got a token of the client for the scope; no file holds the keystore or a
-    token; what the job wrote is closed to others; no agent process or socket remains."""
+    """deploy.sh got a token of the client for the scope; no file in the test's directory,
+    the job's TMPDIR, the runtime dir or what appeared in /tmp during the job holds the
+    keystore (raw or as its base64 text), nor one in the test's own directories a token;
+    every file the job wrote there is closed to others; no agent process or socket remains."""
     assert result.returncode == 0, result.stdout + result.stderr
     seen = json.loads((work / "deploy.result").read_text(encoding="utf-8"))
     assert (seen["client_id"], seen["scope"]) == (CLIENT_ID, SCOPE)
     assert emulator.tokens_issued == 1
-    assert stat.S_IMODE((work / "deploy.result").stat().st_mode) & 0o077 == 0  # umask 077
-    for root in (work, home):
-        for path in root.rglob("*"):
-            if path.is_file() and not path.is_symlink():
+    b64_text = base64.b64encode(p12_bytes)
+    new_in_tmp = [p for p in _walk(Path("/tmp"), top_only=True) if p not in before]
+    roots = [work.parent, home, Path(os.environ["XDG_RUNTIME_DIR"]), *new_in_tmp]
+    written = []
+    for root in roots:
+        for path in [root, *_walk(root)] if root.is_dir() else [root]:
+            if not path.is_file() or path.is_symlink():
+                continue
+            try:
                 data = path.read_bytes()
-                assert p12_bytes not in data, path
-                assert b"eyJ" not in data or path.name == "deploy.sh", path
+            except OSError:
+                continue  # another user's, in /tmp: not the job's
+            assert p12_bytes not in data and b64_text[:64] not in data, path
+            if root in new_in_tmp:
+                continue  # /tmp is shared with other processes: the keystore is what counts
+            assert b"eyJ" not in data or path.name == "deploy.sh", path
+            if path not in before:
+                written.append(path)
+    assert work / "deploy.result" in written
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path  # umask 077 and 0600
     assert not list(Path(os.environ["XDG_RUNTIME_DIR"]).rglob("*.sock"))
     assert not agents_of(home), "an agent outlived the job"
     assert "eyJ" not in result.stdout + result.stderr  # nothing printed the token
@@ -159,6 +205,7 @@ def test_github_actions_recipe_runs(
     assert [s["name"] for s in runs if is_install(s["run"])] == ["Install mpagent"]
     assert any("mpagent exec" in s["run"] for s in runs)
     result = None
+    before = snapshot(home) | set(_walk(workspace.parent))
     for step in runs:
         if is_install(step["run"]):
             continue
@@ -166,7 +213,7 @@ def test_github_actions_recipe_runs(
         assert "${{" not in step["run"], "secrets must reach the script through env, not text"
         result = bash(step["run"], runner_env(home, **job_env, **step_env), workspace)
         assert result.returncode == 0, (step["name"], result.stderr)
-    assert_job_left_nothing(workspace, home, p12_bytes, emulator, result)
+    assert_job_left_nothing(workspace, home, p12_bytes, emulator, result, before)
 
 
 def test_gitlab_ci_recipe_runs(
@@ -187,8 +234,9 @@ def test_gitlab_ci_recipe_runs(
         MPAGENT_KEYSTORE_B64=keystore_b64,
         MPAGENT_KEYSTORE_PASSWORD=PASSWORD,
     )
+    before = snapshot(home) | set(_walk(workspace.parent))
     result = bash("\n".join([*exports, *lines]), env, workspace)
-    assert_job_left_nothing(workspace, home, p12_bytes, emulator, result)
+    assert_job_left_nothing(workspace, home, p12_bytes, emulator, result, before)
 
 
 def test_recipe_fails_the_job_without_the_secret(
@@ -207,18 +255,30 @@ def test_recipe_fails_the_job_without_the_secret(
     assert not (workspace / "deploy.result").exists()
 
 
-def test_exec_without_no_agent_starts_no_agent_in_server_mode(
-    home: Path, workspace: Path, emulator: Emulator, keystore_b64: str
+def test_exec_no_agent_still_works_and_recipes_use_plain_exec(
+    home: Path, workspace: Path, emulator: Emulator, keystore_b64: str, p12_bytes: bytes
 ) -> None:
-    """The GitLab job with --no-agent forgotten: the recipe's server-mode config makes exec
-    fail (exit 69, saying why) instead of leaving a detached agent behind."""
+    """Both recipes run the issue's plain `mpagent exec -- ./deploy.sh` (server mode fetches
+    in-process when no agent answers); the GitLab job with `exec --no-agent` instead works
+    the same and leaves nothing behind."""
+    for recipe in ("gitlab-ci.yml", "github-actions.yml"):
+        text = (RECIPES / recipe).read_text(encoding="utf-8")
+        assert re.search(r"^\s*-? ?mpagent exec -- \./deploy\.sh$", text, re.M), recipe
     doc = yaml.safe_load((RECIPES / "gitlab-ci.yml").read_text(encoding="utf-8"))
     job = doc["deploy"]
-    lines = [line.replace(" --no-agent", "") for line in job["script"] if not is_install(line)]
-    assert any(line.startswith("mpagent exec -- ") for line in lines)
+    lines = [
+        line.replace("mpagent exec --", "mpagent exec --no-agent --")
+        for line in job["script"]
+        if not is_install(line)
+    ]
+    assert any(line.startswith("mpagent exec --no-agent -- ") for line in lines)
     exports = [f'export {k}="{v}"' for k, v in job["variables"].items()]
-    env = runner_env(home, CI_PROJECT_DIR=str(workspace), MPAGENT_KEYSTORE_B64=keystore_b64)
+    env = runner_env(
+        home,
+        CI_PROJECT_DIR=str(workspace),
+        MPAGENT_KEYSTORE_B64=keystore_b64,
+        MPAGENT_KEYSTORE_PASSWORD=PASSWORD,
+    )
+    before = snapshot(home) | set(_walk(workspace.parent))
     result = bash("\n".join([*exports, *lines]), env, workspace)
-    assert result.returncode == 69, result.stderr
-    assert "--foreground-only" in result.stderr
-    assert not agents_of(home) and emulator.tokens_issued == 0
+    assert_job_left_nothing(workspace, home, p12_bytes, emulator, result, before)

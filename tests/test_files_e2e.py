@@ -57,12 +57,18 @@ def files_dir(tmp_path: Path) -> Path:
 
 
 def make_config(
-    tmp_path: Path, emulator: Emulator, p12: Path, files: dict[str, Any], scopes: list[str]
+    tmp_path: Path,
+    emulator: Emulator,
+    p12: Path,
+    files: dict[str, Any],
+    scopes: list[str],
+    **top: Any,
 ) -> Path:
     return write_config(
         tmp_path / "config.toml",
         {"dev": profile_for(emulator, p12, scopes=scopes)},
         files=files,
+        **top,
     )
 
 
@@ -70,13 +76,14 @@ def make_config(
 def start(
     tmp_path: Path, home: Path, p12: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Any]:
-    """start(files={...}, scopes=[...]): a running agent with that [files] table."""
+    """start(files={...}, scopes=[...], agent={...}): a running agent with that [files]
+    table (and other top-level tables)."""
     monkeypatch.setenv("MPAGENT_KEYSTORE_PASSWORD", PASSWORD)
     monkeypatch.setenv("MPAGENT_NO_AUTOSTART", "1")
     started: list[AgentProcess] = []
 
-    def start(files: dict[str, Any], scopes: list[str] | None = None) -> AgentProcess:
-        cfg = make_config(tmp_path, emulator, p12, files, scopes or [READ, PAIR])
+    def start(files: dict[str, Any], scopes: list[str] | None = None, **top: Any) -> AgentProcess:
+        cfg = make_config(tmp_path, emulator, p12, files, scopes or [READ, PAIR], **top)
         proc = AgentProcess(cfg, tmp_path / f"agent{len(started)}.log").wait_ready()
         started.append(proc)
         return proc
@@ -187,7 +194,7 @@ def test_files_shared_with_the_group_of_a_set_group_id_dir(start: Any, tmp_path:
     volume.mkdir()
     gid = 4242 if os.geteuid() == 0 else os.getegid()
     os.chown(volume, -1, gid)
-    os.chmod(volume, 0o2770)  # noqa: S103 -- an emptyDir with fsGroup: the group writes
+    os.chmod(volume, 0o2750)  # noqa: S103 -- set-group-ID; only server mode lets others write
     start({"dir": str(volume), "file_mode": 0o640})
     wait_for(lambda: all_present(volume, [READ, PAIR]))
     for path in paths(volume, READ) + paths(volume, PAIR):
@@ -313,8 +320,8 @@ def test_reload_to_another_dir_moves_the_files(
     other = tmp_path / "other"
     make_config(tmp_path, emulator, p12, {"dir": str(other)}, [READ, PAIR])
     assert run_cli("reload").returncode == 0
-    wait_for(lambda: all_present(other, [READ, PAIR]))
-    assert not list((files_dir / "dev").iterdir())
+    wait_for(lambda: all_present(other, [READ, PAIR]))  # the new ones first, then the old go
+    wait_for(lambda: not list((files_dir / "dev").iterdir()))
     make_config(tmp_path, emulator, p12, {}, [READ, PAIR])
     assert run_cli("reload").returncode == 0
     wait_for(lambda: not list((other / "dev").iterdir()))
@@ -352,3 +359,45 @@ def test_write_failure_is_reported_and_tokens_still_served(
     wait_for(lambda: all_present(files_dir, [READ, PAIR]), timeout=15)
     assert status()["files"]["error"] is None
     assert agent.log().count("exists and is not a directory") == 1  # logged once
+
+
+def test_a_dir_others_can_write_is_used_only_in_server_mode(start: Any, tmp_path: Path) -> None:
+    """A 2777 `dir` (Kubernetes' emptyDir with fsGroup): a user-mode agent writes nothing and
+    says why in status; an agent in server mode ([agent] mode) writes the 0640 files there
+    and logs one warning."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    os.chmod(volume, 0o2777)  # noqa: S103 -- what kubelet makes
+    agent = start({"dir": str(volume), "file_mode": 0o640})
+    error = wait_for(lambda: status()["files"]["error"])
+    assert "can be written by other users (mode 2777)" in error and "chmod go-w" in error
+    assert not list(volume.iterdir())
+    assert agent.stop() == 0
+    server = start({"dir": str(volume), "file_mode": 0o640}, agent={"mode": "server"})
+    wait_for(lambda: all_present(volume, [READ, PAIR]))
+    assert status()["files"]["error"] is None
+    assert mode(paths(volume, READ)[0]) == 0o640
+    assert server.log().count("accepted in server mode") == 1
+
+
+def test_reload_to_files_settings_that_fail_keeps_the_old_files(
+    start: Any, files_dir: Path, tmp_path: Path, emulator: Emulator, p12: Path
+) -> None:
+    """A reload to a [files] setting that cannot work (0640 without group in a dir that is
+    not set-group-ID) is in status and the log, and the files of the previous settings stay
+    until it is fixed; then they move."""
+    agent = start({"dir": str(files_dir)})
+    wait_for(lambda: all_present(files_dir, [READ, PAIR]))
+    plain = tmp_path / "plain"
+    plain.mkdir(mode=0o750)
+    make_config(tmp_path, emulator, p12, {"dir": str(plain), "file_mode": 0o640}, [READ, PAIR])
+    reloaded = run_cli("reload")
+    assert reloaded.returncode == 0
+    assert "token files:" in reloaded.stderr and "without group" in reloaded.stderr
+    error = wait_for(lambda: status()["files"]["error"])
+    assert "without group" in error and f"files in {files_dir} are kept" in error
+    assert error in agent.log()
+    assert all_present(files_dir, [READ, PAIR]) and not list(plain.iterdir())
+    plain.chmod(0o2750)
+    wait_for(lambda: all_present(plain, [READ, PAIR]), timeout=15)
+    wait_for(lambda: not list((files_dir / "dev").iterdir()))  # the old go once the new are in

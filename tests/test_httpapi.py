@@ -9,6 +9,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -25,7 +26,14 @@ from mpagent.errors import ConfigError, MpagentError
 from .agentproc import AgentProcess, status, wait_for
 from .conftest import CLIENT_ID, PASSWORD, SCOPES, profile_for, run_cli, shared_agent, write_config
 from .reliability.test_isolation import OtherUser, other_user  # noqa: F401 - a fixture
-from .test_refresher import SCOPE, World, customer_world, until, world  # noqa: F401 - a fixture
+from .test_refresher import (  # noqa: F401 - world is a fixture
+    ORG_A,
+    SCOPE,
+    World,
+    customer_world,
+    until,
+    world,
+)
 from .test_texas import SPEC, response_schema
 
 SPEC_BYTES = resources.files("mpagent").joinpath(texas.SPEC_RESOURCE).read_bytes()
@@ -280,18 +288,21 @@ def test_schemathesis_finds_no_server_error(served: Endpoint) -> None:
 def test_healthz_is_503_naming_the_missing_token_then_200(
     emulator: Emulator, config: Path, port: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """While the configured token is not held (the issuer failed the first fetches) /healthz is
-    503 and names it; once it is held, 200 {"status": "ready"}."""
-    emulator.inject("503", count=2)  # two failures: at least 1.5 s of backoff not ready
+    """While the configured token is not held (the issuer fails every fetch) /healthz is 503
+    and names it; once the issuer answers again and the token is held, 200 {"status":
+    "ready"}. The failures last until the test has seen the 503 (no race with the backoff)."""
+    emulator.inject("503", count=10_000)
     monkeypatch.setenv("MPAGENT_KEYSTORE_PASSWORD", PASSWORD)
     monkeypatch.setenv("MPAGENT_NO_AUTOSTART", "1")
     proc = AgentProcess(config, tmp_path / "agent.log").wait_ready()
     try:
         endpoint = Endpoint(port)
+        wait_for(lambda: endpoint.get("/healthz").status_code == 503, timeout=15)
         first = endpoint.get("/healthz")
         assert first.status_code == 503, first.text
         assert first.json()["status"] == "not ready"
         assert any(SCOPES[0] in line for line in first.json()["missing"])
+        emulator.clear_faults()  # the issuer answers again
         wait_for(lambda: endpoint.get("/healthz").status_code == 200, timeout=20)
         assert endpoint.get("/healthz").json() == {"status": "ready"}
     finally:
@@ -302,17 +313,25 @@ def test_healthz_is_503_naming_the_missing_token_then_200(
 def test_skip_cache_gets_a_new_token_and_50_at_once_cost_few_issuer_requests(
     agent: AgentProcess, emulator: Emulator, port: int
 ) -> None:
-    """skip_cache=true answers a token fetched after the request came (not the cached one),
-    and the one it replaced still introspects active; 50 such requests at once join one
-    refresh: a few issuer requests, not 50."""
+    """skip_cache=true answers a token fetched after the request came (not the cached one,
+    once that is SKIP_CACHE_AGE s old), and the one it replaced still introspects active;
+    skip_cache again within SKIP_CACHE_AGE s gets that same token, no issuer request; 50
+    such requests at once join one refresh: a few issuer requests, not 50."""
+    from mpagent.refresher import SKIP_CACHE_AGE
+
     endpoint = Endpoint(port)
     wait_for(lambda: endpoint.get("/healthz").status_code == 200)
     cached = endpoint.token().json()["access_token"]
+    time.sleep(SKIP_CACHE_AGE + 0.2)
     fresh = endpoint.token(skip_cache=True).json()["access_token"]
     assert fresh != cached
     assert endpoint.token().json()["access_token"] == fresh  # the new one is the cached one now
     assert endpoint.introspect(cached).json()["active"] is True  # replaced, but still valid
     before = emulator.token_requests
+    for _ in range(20):
+        assert endpoint.token(skip_cache=True).json()["access_token"] == fresh
+    assert emulator.token_requests == before
+    time.sleep(SKIP_CACHE_AGE + 0.2)
     answers: list[Any] = []
     start = threading.Barrier(50)
 
@@ -338,7 +357,7 @@ def test_a_requests_own_claims_are_a_key_of_their_own_within_the_customer_cap(
     world: World,  # noqa: F811
 ) -> None:
     """resource / authorization_details become the grant's claims, one key per canonical JSON
-    (key order does not matter), counted against MAX_CUSTOMER_KEYS; a system-user grant
+    (key order does not matter), counted against MAX_REQUEST_CLAIM_KEYS; a system-user grant
     Maskinporten refuses is a ConfigError naming the field; none asked for: no own key."""
     from mpagent import refresher as module
 
@@ -371,7 +390,7 @@ def test_a_requests_own_claims_are_a_key_of_their_own_within_the_customer_cap(
             },
         )
     world.refresher.entries.clear()
-    for n in range(module.MAX_CUSTOMER_KEYS):
+    for n in range(module.MAX_REQUEST_CLAIM_KEYS):
         world.refresher.cached(
             None, [SCOPE], None, module.request_claims([SCOPE], {"resource": f"https://{n}/"})
         )
@@ -383,19 +402,24 @@ def test_a_requests_own_claims_are_a_key_of_their_own_within_the_customer_cap(
 
 def test_fresh_joins_the_refresh_in_flight_or_starts_one(world: World) -> None:  # noqa: F811
     """skip_cache's `fresh`: 20 at once while no refresh runs start one fetch and all get its
-    token, which is not the cached one; the next `fresh` fetches again."""
+    token, which is not the cached one (SKIP_CACHE_AGE s old); the next `fresh`,
+    SKIP_CACHE_AGE s later, fetches again."""
     import threading as th
+
+    from mpagent.refresher import SKIP_CACHE_AGE
 
     release = th.Event()
 
     async def main() -> None:
         cached = await world.refresher.get(None, [SCOPE], None)
+        world.clock.now += SKIP_CACHE_AGE  # younger, it is what skip_cache answers
         world.exchange.will(SCOPE, release)
         tasks = [asyncio.create_task(world.refresher.fresh(None, [SCOPE])) for _ in range(20)]
         await until(lambda: len(world.exchange.calls) == 2, "the one fetch")
         release.set()
         got = await asyncio.gather(*tasks)
         assert {t.access_token for t in got} == {"token-2"} != {cached.access_token}
+        world.clock.now += SKIP_CACHE_AGE
         again = await world.refresher.fresh(None, [SCOPE])
         assert again.access_token == "token-3"
 
@@ -417,7 +441,10 @@ try:
         reply = b""
         while chunk := s.recv(65536):
             reply += chunk
-    print(json.dumps(reply.split(b"\\r\\n", 1)[0].decode() if reply else "closed"))
+    head, _, body = reply.partition(b"\\r\\n\\r\\n")
+    line = head.split(b"\\r\\n", 1)[0].decode()
+    print(json.dumps(line + (" " + body.decode() if line.endswith("403 Forbidden") else "")
+                     if reply else "closed"))
 except OSError as exc:
     print(json.dumps(errno.errorcode.get(exc.errno, str(exc))))
 """
@@ -428,7 +455,7 @@ def test_another_user_is_refused_unless_allowed(
     agent: AgentProcess, config: Path, emulator: Emulator, p12: Path, port: int,
     other_user: OtherUser,  # noqa: F811
 ) -> None:  # fmt: skip
-    """A real second local user gets no answer (the connection is closed unread); after a
+    """A real second local user gets 403 access_denied naming its uid and allow_uids; after a
     reload with allow_uids = [its uid] it gets a token, with allow_any_local too, and is
     refused again once both are gone; status counts the refusals."""
 
@@ -440,14 +467,16 @@ def test_another_user_is_refused_unless_allowed(
         reloaded = run_cli("--config", str(config), "reload")
         assert reloaded.returncode == 0, reloaded.stderr
 
-    assert ask() in ("closed", "ECONNRESET")
+    refused = ask()
+    assert refused.startswith("HTTP/1.1 403 Forbidden ") and "access_denied" in refused
+    assert f"uid {other_user.uid} may not call this endpoint" in refused
     assert status()["http"]["refused"] == {str(other_user.uid): 1}
     reload_with(allow_uids=[other_user.uid])
     assert ask() == "HTTP/1.1 200 OK"
     reload_with(allow_any_local=True)
     assert ask() == "HTTP/1.1 200 OK"
     reload_with()
-    assert ask() in ("closed", "ECONNRESET")
+    assert ask().startswith("HTTP/1.1 403 Forbidden ")
     assert Endpoint(port).token().status_code == 200  # the agent's own user, always
 
 
@@ -504,3 +533,295 @@ def test_http_settings_parse() -> None:
     )
     assert settings.listen == ("::1", 7164) and settings.allow_uids == (0, 1000)
     assert settings.allow_any_local and configuration._http({}, Path("/c")).listen is None
+
+
+# -- the listener in-process, over real loopback HTTP, with the fake exchange and clock (fast)
+
+
+async def ask(port: int, raw: bytes) -> tuple[int, dict[str, Any]]:
+    """One raw request to the listener; its status and JSON body (empty: none)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    await writer.drain()
+    reply = await reader.read()
+    writer.close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(body) if body else {}
+
+
+def request(method: str, path: str, document: dict[str, Any] | None = None) -> bytes:
+    body = json.dumps(document).encode() if document is not None else b""
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+def asking(target: str, **fields: Any) -> bytes:
+    body = {"identity_provider": "maskinporten", "target": target, **fields}
+    return request("POST", texas.TOKEN_PATH, body)
+
+
+HEALTH = request("GET", "/healthz")
+
+
+async def listening(world: World, **http: Any) -> Any:  # noqa: F811
+    """The real listener on a kernel-chosen loopback port, serving `world`'s refresher."""
+    from mpagent import httpapi
+
+    files = http.pop("files_problem", lambda: None)
+    settings = configuration.HttpSettings(listen=("127.0.0.1", 0), **http)
+    return await httpapi.start(settings, world.refresher, clock=world.clock, files_problem=files)
+
+
+def port_of(api: Any) -> int:
+    return int(api.server.sockets[0].getsockname()[1])
+
+
+def two_profiles(world: World) -> None:  # noqa: F811
+    """Profiles p (a:read) and q (b:read), no default_profile."""
+    from .test_refresher import source
+
+    sources = {"p": source("p", world.exchange), "q": source("q", world.exchange, ("b:read",))}
+    world.refresher.set_sources(sources, None)
+
+
+def test_two_profiles_without_http_profile_are_not_ready_and_say_what_to_set(
+    world: World,  # noqa: F811
+) -> None:
+    """Two profiles, no default_profile, no [http] profile: /healthz 503 and a token request
+    500, both naming [http] profile, with no CLI hint (--profile, MPAGENT_PROFILE)."""
+    two_profiles(world)
+
+    async def main() -> None:
+        api = await listening(world)
+        try:
+            status, health = await ask(port_of(api), HEALTH)
+            assert status == 503 and "[http] profile" in health["missing"][0]
+            status, error = await ask(port_of(api), asking(SCOPE))
+            assert status == 500 and "[http] profile" in error["error_description"]
+            for hint in ("--profile", "MPAGENT_PROFILE"):
+                assert hint not in error["error_description"]
+            assert "set [http] profile" in api.status()["profile_error"]
+        finally:
+            api.close()
+
+    world.run(main)
+    assert world.exchange.calls == []
+
+
+def test_http_profile_serves_its_tokens_and_refuses_another_profiles_scope_unasked(
+    world: World,  # noqa: F811
+) -> None:
+    """[http] profile = "p": a:read is served; b:read, a scope of profile q only, is 400
+    invalid_scope naming both profiles, and the issuer is never asked for it (no entry
+    either); [http] profile naming no profile is 503 naming it."""
+    two_profiles(world)
+
+    async def main() -> None:
+        api = await listening(world, profile="p")
+        try:
+            status, token = await ask(port_of(api), asking(SCOPE))
+            assert status == 200 and token["access_token"].startswith("token-")
+            status, error = await ask(port_of(api), asking("b:read"))
+            assert (status, error["error"]) == (400, "invalid_scope")
+            assert error["error_description"] == (
+                "b:read is a scope of profile q; this endpoint serves profile p ([http] profile)"
+            )
+            await world.refresher.get("q", ["b:read"], None)  # q's pinned token, for ready
+            assert (await ask(port_of(api), HEALTH))[0] == 200
+            api.reread(configuration.HttpSettings(listen=api.listen, profile="nope"))
+            status, health = await ask(port_of(api), HEALTH)
+            assert status == 503 and "[http] profile = 'nope' names no profile" in str(health)
+        finally:
+            api.close()
+
+    world.run(main)
+    assert world.exchange.calls == [SCOPE, "b:read"]  # b:read only by q's own `get`
+    assert all(e.key.scope != "b:read" or e.pinned for e in world.refresher.entries.values())
+
+
+def test_an_issuer_refusal_over_http_carries_no_cli_hint(world: World) -> None:  # noqa: F811
+    """An on-demand scope the issuer refuses: 400 invalid_scope with the issuer's words, and
+    no `mpagent refresh` (an HTTP caller has no CLI); a `get` keeps the hint."""
+    from mpagent.errors import IssuerRejected
+
+    rejected = IssuerRejected("the issuer refused", error="invalid_scope")
+    world.exchange.will("c:x", rejected, rejected)
+
+    async def main() -> None:
+        api = await listening(world)
+        try:
+            status, error = await ask(port_of(api), asking("c:x"))
+            assert (status, error["error"]) == (400, "invalid_scope")
+            assert "mpagent refresh" not in error["error_description"]
+        finally:
+            api.close()
+        world.refresher.entries.clear()
+        with pytest.raises(IssuerRejected, match="mpagent refresh p"):
+            await world.refresher.get(None, ["c:x"], None)
+
+    world.run(main)
+
+
+def test_reload_changing_listen_keeps_the_bound_address_and_says_it_waits(
+    world: World,  # noqa: F811
+) -> None:
+    """A reread with another [http] listen: status still shows the bound address, and says
+    the listen changes at restart; the bound port still answers."""
+
+    async def main() -> None:
+        api = await listening(world)
+        try:
+            bound = f"127.0.0.1:{port_of(api)}"
+            assert api.status()["listen"] == bound and api.status()["pending"] is None
+            api.reread(configuration.HttpSettings(listen=("127.0.0.1", 7999)))
+            state = api.status()
+            assert state["listen"] == bound and state["url"].startswith(f"http://{bound}/")
+            assert state["pending"].startswith("listen changes to 127.0.0.1:7999 at restart")
+            assert (await ask(port_of(api), asking(SCOPE)))[0] == 200
+        finally:
+            api.close()
+
+    world.run(main)
+
+
+def test_healthz_is_503_while_the_token_files_are_not_written(world: World) -> None:  # noqa: F811
+    """With a files problem (the agent's [files] writer), /healthz is 503 naming it, though
+    every token is held; once it is gone, 200."""
+    problem: list[str] = ["token files: cannot write /run/x: Permission denied"]
+
+    async def main() -> None:
+        await world.refresher.get(None, [SCOPE], None)
+        api = await listening(world, files_problem=lambda: problem[0] if problem else None)
+        try:
+            status, health = await ask(port_of(api), HEALTH)
+            assert status == 503 and health["missing"] == problem
+            problem.clear()
+            assert await ask(port_of(api), HEALTH) == (200, {"status": "ready"})
+        finally:
+            api.close()
+
+    world.run(main)
+
+
+def test_a_refused_uid_gets_a_403_naming_allow_uids(world: World) -> None:  # noqa: F811
+    """A peer the uid check refuses hears 403 access_denied naming its uid and [http]
+    allow_uids (its request unread), not a reset connection; status counts it."""
+    import os
+
+    async def main() -> None:
+        api = await listening(world)
+        api.uid = os.getuid() + 1  # this process's connections are now another user's
+        try:
+            status, error = await ask(port_of(api), asking(SCOPE))
+            assert (status, error["error"]) == (403, "access_denied")
+            assert error["error_description"] == (
+                f"uid {os.getuid()} may not call this endpoint: add it to [http] allow_uids"
+            )
+            assert api.status()["refused"] == {str(os.getuid()): 1}
+        finally:
+            api.close()
+
+    world.run(main)
+    assert world.exchange.calls == []
+
+
+def test_an_unparsable_target_is_a_400_and_bugs_log_a_few_tracebacks(
+    world: World,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`GET //[ HTTP/1.1` (urlsplit's ValueError) is a 400 "not an HTTP/1.1 request line";
+    an unexpected error serving connections logs at most 3 tracebacks for 20 connections."""
+
+    async def main() -> None:
+        api = await listening(world)
+        try:
+            raw = b"GET //[ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            status, error = await ask(port_of(api), raw)
+            assert (status, error["error_description"]) == (400, "not an HTTP/1.1 request line")
+
+            async def broken(_: Any) -> bytes:
+                raise RuntimeError("a bug")
+
+            api.answer = broken
+            for _ in range(20):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port_of(api))
+                writer.write(HEALTH)
+                assert await reader.read() == b""
+                writer.close()
+        finally:
+            api.close()
+
+    with caplog.at_level("ERROR"):
+        world.run(main)
+    tracebacks = [r for r in caplog.records if r.exc_info and "unexpected error" in r.msg]
+    assert 1 <= len(tracebacks) <= 3, len(tracebacks)
+
+
+def test_introspect_knows_a_token_replaced_by_several_refreshes(world: World) -> None:  # noqa: F811
+    """A token still valid after 7 more refreshes of its key introspects active; one that
+    8 newer ones pushed out (KEPT_ISSUED) is inactive."""
+    from mpagent.refresher import KEPT_ISSUED, SKIP_CACHE_AGE
+
+    async def main() -> None:
+        api = await listening(world)
+        try:
+            first = await world.refresher.get(None, [SCOPE], None)
+            issued = [first]
+            for _ in range(KEPT_ISSUED):
+                world.clock.now += SKIP_CACHE_AGE
+                issued.append(await world.refresher.fresh(None, [SCOPE]))
+            body = lambda t: request(  # noqa: E731
+                "POST", texas.INTROSPECT_PATH, {"identity_provider": "maskinporten", "token": t}
+            )
+            _, old = await ask(port_of(api), body(issued[1].access_token))
+            assert old["active"] is True and old["scope"] == SCOPE
+            _, gone = await ask(port_of(api), body(first.access_token))
+            assert gone["active"] is False
+        finally:
+            api.close()
+
+    world.run(main)
+
+
+def test_skip_cache_in_a_loop_costs_one_issuer_request_per_5_s(world: World) -> None:  # noqa: F811
+    """200 sequential `fresh` (skip_cache) within SKIP_CACHE_AGE of a fetch cost no issuer
+    request; after SKIP_CACHE_AGE s the next one fetches again, once."""
+    from mpagent.refresher import SKIP_CACHE_AGE
+
+    async def main() -> None:
+        first = await world.refresher.get(None, [SCOPE], None)
+        for _ in range(200):
+            assert await world.refresher.fresh(None, [SCOPE]) is first
+        world.clock.now += SKIP_CACHE_AGE
+        second = await world.refresher.fresh(None, [SCOPE])
+        assert second is not first
+        for _ in range(200):
+            assert await world.refresher.fresh(None, [SCOPE]) is second
+
+    world.run(main)
+    assert world.exchange.calls == [SCOPE, SCOPE]
+
+
+def test_request_claim_keys_have_a_cap_of_their_own(world: World) -> None:  # noqa: F811
+    """MAX_REQUEST_CLAIM_KEYS texas claim keys: the next is refused, while per-customer keys
+    (get --systemuser-org) still get room; status marks each claim key's row."""
+    from mpagent import refresher as module
+
+    customer_world(world)
+    for n in range(module.MAX_REQUEST_CLAIM_KEYS):
+        world.refresher.cached(
+            None, [SCOPE], None, module.request_claims([SCOPE], {"resource": f"https://{n}/"})
+        )
+    with pytest.raises(MpagentError, match="resource / authorization_details at once"):
+        world.refresher.cached(
+            None, [SCOPE], None, module.request_claims([SCOPE], {"resource": "https://x/"})
+        )
+    world.refresher.cached(None, [SCOPE], None, module.customer(ORG_A, None))
+    rows = world.refresher.status()
+    assert {r["claims"] for r in rows if r["claims"]} == {
+        f"resource=https://{n}/" for n in range(module.MAX_REQUEST_CLAIM_KEYS)
+    }
+    details = module.request_claims([SCOPE], {"authorization_details": [SYSTEMUSER]})
+    assert module._claims_label(details.claims if details else None) == (
+        "authorization_details=urn:altinn:systemuser"
+    )

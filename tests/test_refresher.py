@@ -503,7 +503,7 @@ class ClaimsExchange(FakeExchange):
         super().__init__(clock)
         self.claims: list[object] = []
 
-    def fetch(self, scopes: list[str], claims: object = None) -> tokens.Token:  # type: ignore[override]
+    def fetch(self, scopes: list[str], claims: object = None) -> tokens.Token:
         self.claims.append(claims)
         return super().fetch(scopes)
 

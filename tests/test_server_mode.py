@@ -407,11 +407,13 @@ def test_server_mode_never_asks_the_keyring(
 def test_client_does_not_start_a_server_mode_agent(
     home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, emulator: Emulator, p12: Path
 ) -> None:
-    """With [agent] mode = "server" and no agent running, `get` (autostart allowed) exits
-    69 saying clients do not start it, and no agent answers afterwards."""
+    """With [agent] mode = "server" and no agent running, `header` (which needs an agent;
+    autostart allowed) exits 69 saying clients do not start it, and no agent answers
+    afterwards (get/env/exec run in-process instead: the test below)."""
     monkeypatch.delenv("MPAGENT_NO_AUTOSTART", raising=False)
     cfg = config_with(tmp_path, emulator, keystore=p12, top={"agent": {"mode": "server"}})
-    got = run_cli("--config", str(cfg), "get", SCOPE, env={"MPAGENT_KEYSTORE_PASSWORD": PASSWORD})
+    pw = {"MPAGENT_KEYSTORE_PASSWORD": PASSWORD}
+    got = run_cli("--config", str(cfg), "header", SCOPE, env=pw)
     assert got.returncode == 69, got.stderr
     assert "--foreground-only" in got.stderr and 'mode = "server"' in got.stderr
     status = run_cli("--config", str(cfg), "status")
@@ -556,3 +558,372 @@ def test_sidecar_manifest_config_runs_in_server_mode(
         assert agent.stop() == 0
     assert all(json.loads(line) for line in agent.log().splitlines())
     assert got.stdout.strip() not in agent.log()
+
+
+# -- review 15 (F2): secrets kept from children, server-mode fallback, stop ----------------
+
+
+def test_exec_child_sees_no_keystore_and_no_password(
+    env: dict[str, str], tmp_path: Path, emulator: Emulator, p12_bytes: bytes
+) -> None:
+    """`mpagent exec` gives its command the token but none of MPAGENT_KEYSTORE_B64*,
+    MPAGENT_KEYSTORE_PASSWORD*, MPAGENT_KEY_PASSWORD* (other variables pass)."""
+    cfg = config_with(tmp_path, emulator, keystore=None)
+    secrets = {
+        "MPAGENT_KEYSTORE_B64_CI": b64(p12_bytes),
+        "MPAGENT_KEYSTORE_B64": b64(p12_bytes),
+        "MPAGENT_KEYSTORE_PASSWORD": PASSWORD,
+        "MPAGENT_KEYSTORE_PASSWORD_CI": PASSWORD,
+        "MPAGENT_KEY_PASSWORD_CI": PASSWORD,
+        "KEPT_VARIABLE": "yes",
+    }
+    got = run_cli("--config", str(cfg), "exec", "--no-agent", "--", "env", env=secrets)
+    assert got.returncode == 0, got.stderr
+    seen = dict(line.split("=", 1) for line in got.stdout.splitlines() if "=" in line)
+    assert not [name for name in seen if name.startswith(passwords_module.SECRET_ENV)], seen
+    assert seen["KEPT_VARIABLE"] == "yes" and any(n.startswith("MASKINPORTEN_TOKEN") for n in seen)
+    assert PASSWORD not in got.stdout and b64(p12_bytes)[:40] not in got.stdout
+
+
+def test_password_command_sees_no_other_secret(tmp_path: Path) -> None:
+    """password_command runs without the keystore variable and the other passwords in its
+    environment (what it needs, PATH and HOME, stays)."""
+    seen = tmp_path / "seen.json"
+    script = (
+        "import json, os, sys; json.dump(dict(os.environ), open(sys.argv[1], 'w')); print('pw')"
+    )
+    environment = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "MPAGENT_KEYSTORE_B64_CI": "a2V5c3RvcmU=",
+        "MPAGENT_KEY_PASSWORD_CI": "key-secret",
+        "MPAGENT_KEYSTORE_PASSWORD_OTHER": "other-secret",
+    }
+    passwords = ProfilePasswords(
+        "ci",
+        env=environment,
+        lookup=lambda *_: None,
+        interactive=False,
+        commands={"keystore": [sys.executable, "-c", script, str(seen)]},
+    )
+    assert passwords.keystore() == "pw"
+    child = json.loads(seen.read_text(encoding="utf-8"))
+    assert child["HOME"] == str(tmp_path) and child["PATH"] == os.environ["PATH"]
+    assert not [n for n in child if n.startswith(passwords_module.SECRET_ENV)]
+
+
+def test_password_file_in_a_directory_others_may_write_is_refused(
+    env: dict[str, str], tmp_path: Path, emulator: Emulator, p12: Path
+) -> None:
+    """A password_file (0600, ours) in a directory anyone may write (no sticky bit), where
+    another user could swap it, is refused naming the directory; with the sticky bit it
+    is accepted."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    secret = shared / "password"
+    secret.write_text(PASSWORD, encoding="utf-8")
+    secret.chmod(0o600)
+    shared.chmod(0o777)
+    cfg = config_with(tmp_path, emulator, keystore=p12, password_file=secret)
+    got = get_no_agent(cfg)
+    assert got.returncode == 78, got.stderr
+    assert str(shared) in got.stderr and "others may write" in got.stderr
+    assert PASSWORD not in got.stderr
+    shared.chmod(0o1777)
+    assert get_no_agent(cfg).returncode == 0
+
+
+def test_password_file_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO as password_file is refused at once (opened non-blocking, fstat checked)."""
+    fifo = tmp_path / "password"
+    os.mkfifo(fifo, 0o600)
+    started = time.monotonic()
+    with pytest.raises(passwords_module.SecretUnavailable, match="not a regular file"):
+        passwords_module.secret_file(fifo, "ci")
+    assert time.monotonic() - started < 2
+
+
+def test_hints_name_password_file() -> None:
+    """The no-keyring hint and the wrong-env-password fix name password_file as a source."""
+    assert "password_file" in passwords_module.NO_KEYRING_HINT
+    passwords = ProfilePasswords(
+        "ci", env={"MPAGENT_KEYSTORE_PASSWORD": "x"}, lookup=lambda *_: None, interactive=False
+    )
+    assert passwords.keystore() == "x"
+    assert "password_file" in passwords._fix("keystore")
+
+
+def _parse(profile: dict[str, Any], env: dict[str, str] | None, **top: Any) -> config.Config:
+    raw = {"profiles": {"ci": {"environment": "test", "client_id": CLIENT_ID, **profile}}, **top}
+    return config.parse(raw, Path("/nowhere/config.toml"), env)
+
+
+def test_parse_reads_the_keystore_variable_from_the_env_it_is_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """config.parse is pure of the process environment: MPAGENT_KEYSTORE_B64_CI counts only
+    in the `env` passed (load() passes os.environ), and the profile records which one."""
+    monkeypatch.setenv("MPAGENT_KEYSTORE_B64_CI", "eA==")
+    assert "ci" in _parse({}, None).broken
+    cfg = _parse({}, {"MPAGENT_KEYSTORE_B64": "", "MPAGENT_KEYSTORE_B64_CI": "eA=="})
+    assert cfg.profiles["ci"].keystore_env == "MPAGENT_KEYSTORE_B64_CI"
+    assert cfg.profiles["ci"].key_location == "MPAGENT_KEYSTORE_B64_CI"
+    blank = _parse({}, {"MPAGENT_KEYSTORE_B64": ""})  # said "empty" when the key is loaded
+    assert blank.profiles["ci"].keystore_env == "MPAGENT_KEYSTORE_B64"
+
+
+def test_a_base64_keystore_is_a_key_for_the_admin_checks() -> None:
+    """A certificate keystore from MPAGENT_KEYSTORE_B64 is a key: the profile is its own
+    admin profile and refuse_admin_lockout applies; rotate names the variable. A client with
+    admin_profile and no key takes only its own variable, not the generic one."""
+    from mpagent import adminapi, rotation
+
+    env = {"MPAGENT_KEYSTORE_B64": "eA=="}
+    cfg = _parse({"scopes": [SCOPE]}, env)
+    prof = cfg.profiles["ci"]
+    assert adminapi.admin_profile(cfg, prof) is prof
+    with pytest.raises(config.ConfigError, match="its own admin profile"):
+        adminapi.refuse_admin_lockout(cfg, prof)
+    with pytest.raises(config.ConfigError, match="MPAGENT_KEYSTORE_B64"):
+        rotation._new_state(cfg, prof, 0.0)
+    raw = {
+        "profiles": {
+            "admin": {"environment": "test", "client_id": CLIENT_ID, "keystore": "/k.p12"},
+            "app": {"environment": "test", "client_id": "app", "admin_profile": "admin"},
+        }
+    }
+    two = config.parse(raw, Path("/nowhere/config.toml"), env)
+    assert two.profiles["app"].key_location is None  # no key yet: `mpagent keys create`
+    own = config.parse(raw, Path("/nowhere/config.toml"), {"MPAGENT_KEYSTORE_B64_APP": "eA=="})
+    assert own.profiles["app"].keystore_env == "MPAGENT_KEYSTORE_B64_APP"
+
+
+def test_env_variables_is_the_one_naming_rule() -> None:
+    """envfile.variables: NAME and NAME_EXPIRES_AT (integer seconds) per token, env_names
+    overrides, short names for the default profile, a shared name holds the later token."""
+    from mpagent import envfile
+
+    got = envfile.variables(
+        "ci",
+        {"b": "MY_TOKEN"},
+        [("a", "t1", 100.7), ("b", "t2", 200.2)],
+        short=True,
+    )
+    assert got == {
+        "MASKINPORTEN_TOKEN_CI_A": "t1",
+        "MASKINPORTEN_TOKEN_CI_A_EXPIRES_AT": "100",
+        "MASKINPORTEN_TOKEN_A": "t1",
+        "MASKINPORTEN_TOKEN_A_EXPIRES_AT": "100",
+        "MY_TOKEN": "t2",
+        "MY_TOKEN_EXPIRES_AT": "200",
+    }
+
+
+def test_server_mode_get_env_and_exec_run_in_process_without_an_agent(
+    home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, emulator: Emulator, p12: Path
+) -> None:
+    """[agent] mode = "server", no agent running, autostart allowed: `get`, `env` and `exec`
+    fetch in their own process (as --no-agent), start no agent and leave none behind."""
+    monkeypatch.delenv("MPAGENT_NO_AUTOSTART", raising=False)
+    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
+    cfg = config_with(tmp_path, emulator, keystore=p12, top={"agent": {"mode": "server"}})
+    pw = {"MPAGENT_KEYSTORE_PASSWORD": PASSWORD}
+    got = run_cli("--config", str(cfg), "get", SCOPE, env=pw)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.count(".") == 2
+    exported = run_cli("--config", str(cfg), "env", env=pw)
+    assert exported.returncode == 0, exported.stderr
+    assert "export MASKINPORTEN_TOKEN_" in exported.stdout
+    ran = run_cli(
+        "--config",
+        str(cfg),
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        'test -n "$MASKINPORTEN_TOKEN_CI_' + SCOPE.upper().replace(":", "_") + '"',
+        env=pw,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert run_cli("--config", str(cfg), "status").returncode == 69  # no agent was started
+    header = run_cli("--config", str(cfg), "header", SCOPE, env=pw)
+    assert header.returncode == 69 and "--foreground-only" in header.stderr
+
+
+def test_reload_finishing_after_stop_writes_nothing(
+    tmp_path: Path, home: Path, emulator: Emulator, p12: Path
+) -> None:
+    """Once stopping: a token change schedules no env-file write, and a reload's result is
+    not adopted (its tokens could recreate the files being removed)."""
+    import asyncio
+
+    from mpagent.agent import Agent, Loaded
+
+    cfg = config.load(config_with(tmp_path, emulator, keystore=p12))
+    agent = Agent(cfg, None)
+
+    async def after_stop() -> None:
+        agent.stopping.set()
+        agent._changed()
+        agent._env_changed()
+        agent._adopt(cfg, Loaded())
+
+    try:
+        asyncio.run(after_stop())
+    finally:
+        agent.fetch_pool.shutdown()
+        agent.io.shutdown()
+    assert agent._env_task is None
+    assert agent.refresher.sources == {}  # nothing adopted
+
+
+def test_stop_does_not_wait_for_an_env_write_queued_behind_a_slow_job(
+    tmp_path: Path, home: Path, emulator: Emulator, p12: Path
+) -> None:
+    """At stop, an env-file write queued on the io thread behind a slow job (a reload's
+    password_command) is cancelled within about a second, and the file is not written."""
+    import asyncio
+    import threading
+
+    from mpagent.agent import Agent
+
+    cfg = config.load(config_with(tmp_path, emulator, keystore=p12))
+    agent = Agent(cfg, None)
+    agent.env_path = tmp_path / "tokens.env"
+    agent._env_tokens = lambda: [("MASKINPORTEN_TOKEN_X", "t", 2e9)]  # type: ignore[method-assign]
+    release = threading.Event()
+
+    async def stop_while_io_is_busy() -> float:
+        agent.io.submit(release.wait, 8)
+        agent._env_changed()
+        await asyncio.sleep(0.05)
+        agent.stopping.set()
+        started = time.monotonic()
+        await agent._finish_env()
+        return time.monotonic() - started
+
+    try:
+        took = asyncio.run(stop_while_io_is_busy())
+        assert agent.unfinished() == 1  # the slow job only: the write was cancelled
+    finally:
+        release.set()
+        agent.fetch_pool.shutdown()
+        agent.io.shutdown()
+    assert took < 1.5, took
+    assert not agent.env_path.exists()
+
+
+AGENT_WITH_ATEXIT = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: print('EXITED NORMALLY', flush=True))\n"
+    "from mpagent.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+@pytest.mark.slow
+def test_a_normal_stop_exits_through_the_normal_path(
+    env: dict[str, str], tmp_path: Path, emulator: Emulator, p12: Path
+) -> None:
+    """SIGTERM with nothing in flight: no "not waiting for" line and no os._exit (atexit
+    handlers run), exit 0; idle pool threads are not unfinished requests."""
+    from mpagent import paths
+
+    cfg = config_with(tmp_path, emulator, keystore=p12)
+    out = tmp_path / "out.log"
+    with open(out, "wb") as log_file:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                AGENT_WITH_ATEXIT,
+                "--config",
+                str(cfg),
+                "agent",
+                "--foreground-only",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MPAGENT_KEYSTORE_PASSWORD": PASSWORD},
+        )
+        try:
+            wait_for(lambda: Path(paths.socket_path()).exists() and emulator.tokens_issued >= 1)
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = out.read_text(encoding="utf-8", errors="replace")
+    assert "not waiting for" not in text, text
+    assert "EXITED NORMALLY" in text, text
+
+
+def test_idle_pool_threads_are_not_unfinished_requests(
+    tmp_path: Path, home: Path, emulator: Emulator, p12: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pool threads that finished their jobs (alive, idle) count as nothing: the stop does
+    not take the os._exit path or log "not waiting for"; a job still running counts."""
+    import threading
+
+    from mpagent.agent import Agent, _exit_now_if_stuck
+
+    agent = Agent(config.load(config_with(tmp_path, emulator, keystore=p12)), None)
+    release = threading.Event()
+    try:
+        agent.fetch_pool.submit(lambda: None).result()
+        agent.io.submit(lambda: None).result()
+        assert [t for t in threading.enumerate() if t.name.startswith("mpagent-")]
+        assert agent.unfinished() == 0
+        with caplog.at_level("INFO", logger="mpagent"):
+            _exit_now_if_stuck(0, agent.unfinished())  # returns: no os._exit
+        assert "not waiting for" not in caplog.text
+        agent.fetch_pool.submit(release.wait, 5)
+        assert agent.unfinished() == 1
+    finally:
+        release.set()
+        agent.fetch_pool.shutdown()
+        agent.io.shutdown()
+    assert agent.unfinished() == 0
+
+
+SLOW_PASSWORD = """import os, sys, time
+if os.path.exists(sys.argv[1]):
+    time.sleep(8)
+print(sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_slow_reload_stops_at_once(
+    env: dict[str, str], tmp_path: Path, emulator: Emulator, p12: Path
+) -> None:
+    """SIGTERM while a reload runs a password_command that takes 8 s: the agent is gone in
+    well under 5 s, and neither the env file nor the token files remain."""
+    marker, script = tmp_path / "slow", tmp_path / "pw.py"
+    script.write_text(SLOW_PASSWORD, encoding="utf-8")
+    files, env_file = tmp_path / "files", tmp_path / "tokens.env"
+    files.mkdir(mode=0o700)
+    top = {"agent": {"env_file": str(env_file)}, "files": {"dir": str(files)}}
+    command = [sys.executable, str(script), str(marker), PASSWORD]
+    cfg = config_with(tmp_path, emulator, keystore=p12, password_command=command, top=top)
+    agent = ServerAgent(cfg, tmp_path, "--foreground-only", env={}).wait_ready()
+    try:
+        wait_for(lambda: env_file.exists() and any(files.rglob("*.jwt")))
+        marker.touch()
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: "reloading" in agent.log())
+        time.sleep(0.5)  # the reload's password_command is sleeping
+        started = time.monotonic()
+        agent.signal(signal.SIGTERM)
+        agent.proc.wait(10)
+        took = time.monotonic() - started
+    finally:
+        agent.stop()
+    print(f"shutdown took {took:.2f} s")
+    assert took < 2.5, f"took {took:.1f} s: {agent.log()}"
+    assert agent.proc.returncode == 0
+    assert not env_file.exists()
+    assert not any(files.rglob("*.jwt")) and not any(files.rglob("*.json"))

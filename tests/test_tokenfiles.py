@@ -32,6 +32,8 @@ from mpagent.tokenfiles import (
 )
 from mpagent.tokens import Token
 
+from .reliability.test_isolation import OtherUser, other_user  # noqa: F401 - a fixture
+
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="Unix file modes and groups")
 
 # RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
@@ -184,7 +186,8 @@ def test_shared_without_group_keeps_the_inherited_group(shm: Path) -> None:
     base = shm / "volume"
     base.mkdir()
     os.chmod(base, 0o2777)  # noqa: S103 -- what an emptyDir with fsGroup looks like
-    jwt, _ = TokenFiles(base, file_mode=0o640).write("default", "digdir:krr", token())
+    files = TokenFiles(base, file_mode=0o640, server_mode=True)  # others write: server mode
+    jwt, _ = files.write("default", "digdir:krr", token())
     assert mode(jwt.parent) == 0o2750 and mode(jwt) == 0o640
     assert mode(base) == 0o2777  # a volume that is not ours is left as it is
 
@@ -196,7 +199,7 @@ def test_shared_without_group_or_set_group_id_is_refused(shm: Path) -> None:
     base.mkdir(mode=0o755)
     with pytest.raises(ConfigError, match=r"without group.*set \[files\] group"):
         TokenFiles(base, file_mode=0o640).write("default", "digdir:krr", token())
-    assert not list((base / "default").iterdir())
+    assert not (base / "default").exists()  # not left half-made
 
 
 def test_files_are_named_by_the_scope_set_asked_for(shm: Path) -> None:
@@ -438,3 +441,138 @@ def test_writer_failure_is_logged_once_per_kind_and_shown(
     assert writer.status() == {"dir": str(shm), "count": 1, "error": None}
     assert not writer.sync(shm, 0o640, "mpagent-no-such-group", wanted, now=900)
     assert "no group on this system" in (writer.status() or {})["error"]
+
+
+# -- the `dir` itself (A2): nobody else may swap what readers read -------------------------
+
+
+def test_dir_of_another_user_is_refused_even_in_server_mode(
+    shm: Path,
+    other_user: OtherUser,  # noqa: F811
+) -> None:
+    """A `dir` owned by a real second user (not root) is refused in both modes, naming the
+    uid and [files] dir, and nothing is written in it."""
+    theirs = shm / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, other_user.uid, other_user.gid)
+    for server_mode in (False, True):
+        files = TokenFiles(theirs, server_mode=server_mode)
+        with pytest.raises(ConfigError, match=rf"\[files\] dir .* belongs to uid {other_user.uid}"):
+            files.write("default", "digdir:krr", token())
+        with pytest.raises(ConfigError, match="belongs to uid"):
+            files.remove_expired(2000)
+    assert not list(theirs.iterdir())
+
+
+def test_profile_dir_planted_by_another_user_is_refused(
+    shm: Path,
+    other_user: OtherUser,  # noqa: F811
+) -> None:
+    """In a sticky `dir` (accepted, like /tmp) a profile directory a real second user made
+    first is refused with a hint naming [files] dir (not the socket's XDG_RUNTIME_DIR)."""
+    shm.chmod(0o711)  # the other user may pass through to the sticky dir
+    shared = shm / "sticky"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # noqa: S103 -- sticky: others cannot rename what is ours
+    planted = other_user.run(
+        "os.mkdir(sys.argv[1], 0o755); print(json.dumps(os.stat(sys.argv[1]).st_uid))",
+        str(shared / "default"),
+    )
+    assert planted == other_user.uid
+    for file_mode in (0o600, 0o640):
+        with pytest.raises(ConfigError, match=r"uid \d+, not to you; .*\[files\] dir") as info:
+            TokenFiles(shared, file_mode=file_mode).write("default", "digdir:krr", token())
+        assert "XDG_RUNTIME_DIR" not in str(info.value)
+    jwt, _ = TokenFiles(shared).write("mine", "digdir:krr", token())
+    assert jwt.read_text() == "eyJ.a.b"  # a sticky dir of root's or ours is fine
+
+
+@pytest.mark.parametrize("dir_mode", [0o777, 0o2777, 0o770, 0o757])
+def test_dir_others_can_write_is_refused_unless_server_mode(
+    shm: Path, dir_mode: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A `dir` writable by group or others without the sticky bit is refused outside server
+    mode (saying chmod go-w); in server mode (a pod's emptyDir) it is used, with one warning
+    however often the files are written."""
+    base = shm / "volume"
+    base.mkdir()
+    os.chmod(base, dir_mode)
+    with pytest.raises(
+        ConfigError, match=rf"can be written by other users \(mode {dir_mode:04o}\).*chmod go-w"
+    ):
+        TokenFiles(base).write("default", "digdir:krr", token())
+    assert not list(base.iterdir())
+    files = TokenFiles(base, server_mode=True)
+    for _ in range(3):
+        jwt, _ = files.write("default", "digdir:krr", token())
+    assert jwt.read_text() == "eyJ.a.b" and mode(jwt.parent) & 0o777 == 0o700
+    warnings_ = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings_) == 1 and "accepted in server mode" in warnings_[0].getMessage()
+
+
+def test_symlinked_dir_is_refused(shm: Path) -> None:
+    """A `dir` that is a symlink is refused in both modes (whoever can change the link
+    chooses what readers read), by the writer and the expiry sweep; the target is untouched."""
+    real = shm / "real"
+    real.mkdir(mode=0o700)
+    (shm / "link").symlink_to(real)
+    for server_mode in (False, True):
+        files = TokenFiles(shm / "link", server_mode=server_mode)
+        with pytest.raises(ConfigError, match=r"\[files\] dir .*link is a symlink"):
+            files.write("default", "digdir:krr", token())
+        with pytest.raises(ConfigError, match="is a symlink"):
+            files.remove_expired(2000)
+    assert not list(real.iterdir())
+    writer = TokenFilesWriter(server_mode=True)
+    assert not writer.sync(shm / "link", 0o600, None, {("p", "a:x"): token("a:x")}, now=900)
+    assert "is a symlink" in (writer.problem([("p", "a:x")]) or "")
+
+
+# -- settings that fail on a reload (B3), /healthz's question, close (A3) -----------------
+
+
+def test_writer_keeps_the_previous_files_while_new_settings_fail(shm: Path) -> None:
+    """New settings that cannot work (0640 without group in a dir that is not set-group-ID)
+    fail, say the previous files are kept, and the previous dir's files stay and stay
+    current; once the new settings work, the files move there and the old ones go."""
+    old, new = shm / "old", shm / "new"
+    new.mkdir(mode=0o750)
+    writer, a = TokenFilesWriter(), ("p", "a:x")
+    assert writer.sync(old, 0o600, None, {a: token("a:x", access="first")}, now=900)
+    assert not writer.sync(new, 0o640, None, {a: token("a:x", access="second")}, now=901)
+    error = (writer.status() or {})["error"]
+    assert "without group" in error and f"the files in {old} are kept until this is fixed" in error
+    assert (old / "p" / "a_x.jwt").read_text() == "second"
+    assert writer.problem([a]) == f"token files: {error}"
+    os.chmod(new, 0o2750)  # noqa: S103 -- the group reads, nobody else writes
+    assert writer.sync(new, 0o640, None, {a: token("a:x", access="third")}, now=902)
+    assert (new / "p" / "a_x.jwt").read_text() == "third" and not (old / "p" / "a_x.jwt").exists()
+    assert writer.problem([a]) is None
+    assert writer.status() == {"dir": str(new), "count": 1, "error": None}
+
+
+def test_problem_names_held_sets_without_files(shm: Path) -> None:
+    """problem(): None once every held set has files; a held set not written yet is named;
+    a failure is the failure."""
+    writer, a, b = TokenFilesWriter(), ("p", "a:x"), ("p", "b:y")
+    assert writer.sync(shm, 0o600, None, {a: token("a:x")}, now=900)
+    assert writer.problem([a]) is None
+    assert writer.problem([a, b]) == "token files not written yet for p 'b:y'"
+    (shm / "q").write_text("in the way")
+    assert not writer.sync(shm, 0o600, None, {("q", "c:z"): token("c:z")}, now=900)
+    assert "not a directory" in (writer.problem([("q", "c:z")]) or "")
+
+
+def test_close_removes_the_files_and_a_later_sync_writes_nothing(shm: Path) -> None:
+    """close() from another thread than sync's removes what was written, and a sync that
+    was still queued (a slow reload ahead of it) then writes nothing."""
+    import threading
+
+    writer, a = TokenFilesWriter(), ("p", "a:x")
+    assert writer.sync(shm, 0o600, None, {a: token("a:x")}, now=900)
+    closer = threading.Thread(target=writer.close)
+    closer.start()
+    closer.join(5)
+    assert not closer.is_alive() and not list((shm / "p").iterdir())
+    assert writer.sync(shm, 0o600, None, {a: token("a:x"), ("p", "b:y"): token("b:y")}, 901)
+    assert not list((shm / "p").iterdir())

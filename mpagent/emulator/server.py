@@ -259,6 +259,11 @@ class Emulator:
         with self._lock:
             self._faults.extend([fault] * count)
 
+    def clear_faults(self) -> None:
+        """Forget the token faults still queued: the issuer answers again."""
+        with self._lock:
+            self._faults.clear()
+
     def inject_exchange(self, fault: str, count: int = 1) -> None:
         """Queue faults for the next `count` exchange requests: one of EXCHANGE_FAULTS ("401" is
         Altinn refusing the token; the others as at /token)."""
