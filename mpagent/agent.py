@@ -611,6 +611,8 @@ class Agent:
         write = self._env_write
         if write is not None and not write.cancel():  # running after all: it is quick
             await asyncio.wait([asyncio.wrap_future(write)], timeout=STOP_WRITE_WAIT)
+            if not write.done():  # a very slow disk: the file it renames in goes too
+                write.add_done_callback(lambda _: self.env_path.unlink(missing_ok=True))
 
     def _env_tokens(self) -> list[tuple[str, str, float]]:
         default = self.cfg.default_name

@@ -26,9 +26,17 @@ def ask_agent(
         no_start = getattr(args, "no_start", False) or os.environ.get("MPAGENT_NO_AUTOSTART") == "1"
         if not start or no_start:
             raise
+        first = exc
     from mpagent import autostart
 
-    autostart.ensure_agent(path, args.config)
+    try:
+        autostart.ensure_agent(path, args.config)
+    except AgentNotRunning as refused:
+        # Server mode's in-process fallback only when no agent listens at all: one that
+        # closed the connection (draining, or a socket we may not use) is no reason to sign here.
+        if refused.details.get("in_process") and not first.details.get("absent"):
+            raise first from None
+        raise
     return client.call(path, verb, fields)
 
 

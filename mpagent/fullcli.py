@@ -649,7 +649,10 @@ def ask_running_agent(
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    starts = "`mpagent get SCOPE` starts one, or run `mpagent agent`"
+    starts = (
+        "`mpagent get SCOPE` starts one, or run `mpagent agent` "
+        '(`mpagent agent --foreground-only` for [agent] mode = "server")'
+    )
     document = json.loads(ask_running_agent(args, "status", starts)["json"])
     if args.json:
         print(json.dumps(document, indent=2))

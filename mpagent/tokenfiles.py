@@ -156,7 +156,7 @@ def check_mode(file_mode: int, group: str | int | None, where: str = "[files]") 
     0640, others nothing; group and 0640 only on Unix."""
     if file_mode & ~0o640 or not file_mode & 0o400:
         raise ConfigError(
-            f"{where} file_mode = 0{file_mode:o} would let others read the tokens, or not "
+            f"{where} file_mode = 0o{file_mode:o} would let others read the tokens, or not "
             "even you; write file_mode = 0o600, or 0o640 with a group to share them"
         )
     if group is not None and not file_mode & 0o040:
@@ -485,8 +485,10 @@ class TokenFilesWriter:
                 continue
             try:
                 with self._lock:
+                    if self.closed:  # close() removed them all meanwhile
+                        return
                     owner.remove(profile, scope_set)
-                    del self._written[entry]
+                    self._written.pop(entry, None)
             except OSError as exc:
                 failures.append(_failure("cannot remove token files in", owner.directory, exc))
 

@@ -295,7 +295,8 @@ def test_status_without_agent_says_get_starts_one(home: Path) -> None:
     assert result.returncode == 69 and result.stdout == ""
     assert lines(result.stderr) == [
         f"mpagent: no agent is running on {paths.socket_path()}; "
-        "`mpagent get SCOPE` starts one, or run `mpagent agent`"
+        "`mpagent get SCOPE` starts one, or run `mpagent agent` "
+        '(`mpagent agent --foreground-only` for [agent] mode = "server")'
     ]
 
 

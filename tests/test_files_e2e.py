@@ -139,7 +139,7 @@ def test_files_config_parses(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("file_mode = 0o644", r"\[files\] file_mode = 0644 would let others read"),
+        ("file_mode = 0o644", r"\[files\] file_mode = 0o644 would let others read"),
         ("file_mode = 640", r"\[files\] file_mode is 640 \(decimal\); write TOML's octal"),
         ('file_mode = "rw-r-----"', r"\[files\] file_mode is 'rw-r-----'"),
         ('group = "app"', r"\[files\] group = 'app' needs file_mode = 0o640"),
