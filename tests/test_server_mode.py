@@ -750,6 +750,46 @@ def test_server_mode_get_env_and_exec_run_in_process_without_an_agent(
     assert header.returncode == 69 and "--foreground-only" in header.stderr
 
 
+def test_server_mode_signs_nothing_beside_an_agent_that_closed_the_connection(
+    home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, emulator: Emulator, p12: Path
+) -> None:
+    """The in-process fallback is for "no agent listens" only: a socket that accepts and closes
+    the connection (an agent draining) makes `get` fail with that, and signs no grant here."""
+    import socket
+    import threading
+
+    from mpagent import paths
+    from mpagent.private import ensure_private_dir
+
+    monkeypatch.delenv("MPAGENT_NO_AUTOSTART", raising=False)
+    cfg = config_with(tmp_path, emulator, keystore=p12, top={"agent": {"mode": "server"}})
+    path = Path(paths.socket_path())
+    ensure_private_dir(path.parent)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+
+    def close_each() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            connection.close()
+
+    threading.Thread(target=close_each, daemon=True).start()
+    before = emulator.token_requests
+    try:
+        got = run_cli(
+            "--config", str(cfg), "get", SCOPE, env={"MPAGENT_KEYSTORE_PASSWORD": PASSWORD}
+        )
+    finally:
+        listener.close()
+    assert got.returncode == 69 and got.stdout == "", got.stderr
+    assert "closed the connection" in got.stderr
+    assert emulator.token_requests == before
+
+
 def test_reload_finishing_after_stop_writes_nothing(
     tmp_path: Path, home: Path, emulator: Emulator, p12: Path
 ) -> None:
