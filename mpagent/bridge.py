@@ -19,7 +19,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import errno
 import hmac
 import http
 import http.client
@@ -44,7 +43,6 @@ from mpagent.errors import SecretUnavailable as NoKeyring
 from mpagent.logs import RateLimit
 from mpagent.loopback import (
     MAX_BODY,
-    MAX_HEAD,
     READ_TIMEOUT,
     Refusal,
     Request,
@@ -53,7 +51,7 @@ from mpagent.loopback import (
     listen_text,
     render,
 )
-from mpagent.loopserver import LoopbackServer
+from mpagent.loopserver import LoopbackServer, bind
 from mpagent.passwords import SERVICE
 from mpagent.peers import PEER_CHECK, describe, holder, peer
 from mpagent.private import read_regular, write_atomic
@@ -84,21 +82,12 @@ async def start(
         raise ConfigError(f"[bridge] listen {settings.listen}: use 127.0.0.1:PORT or [::1]:PORT")
     bridge = Bridge(refresher, settings, io, read_timeout)
     bridge.set_secret(await bridge.read_secret(settings))
-    try:
-        server = await asyncio.start_server(bridge.serve, *settings.listen, limit=MAX_HEAD)
-    except OSError as exc:
-        where = listen_text(settings.listen)
-        if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(
-                f"[bridge] listen {where} is taken by {describe(holder(settings.listen))}; a "
-                "tool that sends the bridge secret there gives it to that process. Stop it, or "
-                "set [bridge] listen to a free port; then `mpagent stop` and start the agent again"
-            ) from exc
-        raise ConfigError(f"[bridge] cannot listen on {where}: {exc.strerror}") from exc
-    # "localhost" is resolved by the system: it must have given loopback addresses only.
-    if not all(is_loopback(s.getsockname()[0]) for s in server.sockets):
-        server.close()
-        raise ConfigError(f"[bridge] listen {settings.listen}: not only loopback addresses")
+    server = await bind(
+        "[bridge]",
+        settings.listen,
+        bridge.serve,
+        "a tool that sends the bridge secret there gives it to that process: ",
+    )
     bridge.server = server
     log.info("token bridge for HTTP tools on %s", token_url(settings.listen))
     return bridge

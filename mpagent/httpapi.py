@@ -24,8 +24,6 @@ configuration), as texas's spec says."""
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import logging
 import time
 from collections.abc import Callable
@@ -37,9 +35,9 @@ from mpagent.altinn import is_loopback
 from mpagent.config import HttpSettings
 from mpagent.errors import ConfigError, MpagentError
 from mpagent.logs import RateLimit
-from mpagent.loopback import MAX_HEAD, READ_TIMEOUT, Refusal, Request, listen_text, render
-from mpagent.loopserver import LoopbackServer, bug_log
-from mpagent.peers import PEER_CHECK, describe, holder
+from mpagent.loopback import READ_TIMEOUT, Refusal, Request, listen_text, render
+from mpagent.loopserver import LoopbackServer, bind, bug_log
+from mpagent.peers import PEER_CHECK
 from mpagent.refresher import Customer, Refresher, request_claims
 from mpagent.tokens import Token, fingerprint
 
@@ -78,19 +76,7 @@ async def start(
         )
     spec = resources.files("mpagent").joinpath(texas.SPEC_RESOURCE).read_bytes()
     api = Listener(refresher, settings, spec, read_timeout, clock, files_problem)
-    try:
-        server = await asyncio.start_server(api.serve, *listen, limit=MAX_HEAD)
-    except OSError as exc:
-        where = listen_text(listen)
-        if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(
-                f"[http] listen {where} is taken by {describe(holder(listen))}; stop it, or "
-                "set [http] listen to a free port; then `mpagent stop` and start the agent again"
-            ) from exc
-        raise ConfigError(f"[http] cannot listen on {where}: {exc.strerror}") from exc
-    if not all(is_loopback(s.getsockname()[0]) for s in server.sockets):
-        server.close()
-        raise ConfigError(f"[http] listen {listen}: not only loopback addresses")
+    server = await bind("[http]", listen, api.serve)
     api.server = server
     api.bound = tuple(server.sockets[0].getsockname()[:2])
     log.info("texas-compatible token endpoint on %s", token_url(listen))

@@ -7,14 +7,26 @@ refused peer hears (`refused_reply`: by default nothing, the connection reset)."
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
+from mpagent.altinn import is_loopback
+from mpagent.errors import ConfigError
 from mpagent.logs import RateLimit
-from mpagent.loopback import MAX_CLIENTS, MAX_HEAD, Refusal, Request, Slot, Slots, render
-from mpagent.peers import PEER_CHECK, peer
+from mpagent.loopback import (
+    MAX_CLIENTS,
+    MAX_HEAD,
+    Refusal,
+    Request,
+    Slot,
+    Slots,
+    listen_text,
+    render,
+)  # fmt: skip
+from mpagent.peers import PEER_CHECK, describe, holder, peer
 
 # Unexpected errors serving a connection: a few tracebacks a minute, then a count (a peer
 # that can trigger one must not fill the log).
@@ -23,6 +35,32 @@ bug_log.addFilter(RateLimit(burst=3))
 # Refused connections being answered at once (refused_reply), at most; beyond, reset.
 MAX_REFUSING = 16
 REFUSE_LINGER = 1.0  # s a refused peer's request is read (and discarded) after the answer
+
+
+async def bind(
+    section: str,
+    listen: tuple[str, int],
+    serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    taken_note: str = "",
+) -> asyncio.Server:
+    """Listen on `listen` for `section` ("[bridge]", "[http]"), loopback only; ConfigError
+    naming the section when it cannot: a port taken says by whom (`taken_note` says what
+    that means), and a name such as "localhost" must resolve to loopback addresses only."""
+    try:
+        server = await asyncio.start_server(serve, *listen, limit=MAX_HEAD)
+    except OSError as exc:
+        where = listen_text(listen)
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"{section} listen {where} is taken by {describe(holder(listen))}; "
+                f"{taken_note}stop it, or set {section} listen to a free port; then "
+                "`mpagent stop` and start the agent again"
+            ) from exc
+        raise ConfigError(f"{section} cannot listen on {where}: {exc.strerror}") from exc
+    if not all(is_loopback(s.getsockname()[0]) for s in server.sockets):
+        server.close()
+        raise ConfigError(f"{section} listen {listen}: not only loopback addresses")
+    return server
 
 
 class LoopbackServer:
