@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,18 +13,16 @@ from typing import Any
 from mpagent import client, paths
 from mpagent.errors import AgentNotRunning
 
+from . import zygote
+
 
 class AgentProcess:
     def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
         self.config, self.log_path = config, log
         self.socket = paths.socket_path()
         self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mpagent", "--config", str(config), "agent"],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=self._log,
-            env={**os.environ, **(env or {})},
+        self.proc = zygote.start_mpagent(
+            ["--config", str(config), "agent"], {**os.environ, **(env or {})}, self._log
         )
 
     def wait_ready(self, timeout: float = 15.0) -> AgentProcess:

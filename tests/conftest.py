@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mpagent.emulator import Emulator, pki
 
+from . import zygote
 from .agentproc import AgentProcess
 
 CLIENT_ID = "6f2c1e8a-2a3b-4c5d-9e8f-0a1b2c3d4e5f"
@@ -47,9 +48,11 @@ def pytest_configure(config: pytest.Config) -> None:
         value.mkdir(mode=0o700)
         os.environ[name] = str(value)
     config.stash[SESSION_DIRS] = root
+    zygote.configure(root)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    zygote.shutdown()
     if SESSION_DIRS in config.stash:
         shutil.rmtree(config.stash[SESSION_DIRS], ignore_errors=True)
 
@@ -257,14 +260,6 @@ def profile_for(emulator: Emulator, keystore: Path, **extra: Any) -> dict[str, A
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60, **kwargs: Any
 ) -> subprocess.CompletedProcess[str]:
-    """The real CLI as a subprocess, with the current (test-isolated) environment."""
-    return subprocess.run(
-        [sys.executable, "-m", "mpagent", *args],
-        env={**os.environ, **(env or {})},
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        **kwargs,
-    )
+    """The real CLI as a process of its own (forked by tests/zygote.py where it can be), with
+    the current (test-isolated) environment."""
+    return zygote.run_mpagent(args, {**os.environ, **(env or {})}, timeout, **kwargs)

@@ -340,6 +340,12 @@ def test_stop_removes_the_agents_files(start: Any, files_dir: Path) -> None:
     assert sorted(p.name for p in (files_dir / "dev").iterdir()) == ["notes.txt"]
 
 
+def files_error() -> str | None:
+    """status()["files"]["error"]; None also before the agent's first write applies the
+    [files] settings (status has "files": None until then)."""
+    return (status()["files"] or {}).get("error")
+
+
 @pytest.mark.slow
 def test_write_failure_is_reported_and_tokens_still_served(
     start: Any, files_dir: Path, tmp_path: Path
@@ -351,7 +357,7 @@ def test_write_failure_is_reported_and_tokens_still_served(
     obstacle = files_dir / "dev"
     obstacle.write_text("not a directory")
     agent = start({"dir": str(files_dir)})
-    error = wait_for(lambda: status()["files"]["error"])
+    error = wait_for(files_error)
     assert str(obstacle) in error and "not a directory" in error
     assert "NOT WRITTEN" in run_cli("status").stdout
     assert get(READ).count(".") == 2
@@ -370,7 +376,7 @@ def test_a_dir_others_can_write_is_used_only_in_server_mode(start: Any, tmp_path
     volume.mkdir()
     os.chmod(volume, 0o2777)  # noqa: S103 -- what kubelet makes
     agent = start({"dir": str(volume), "file_mode": 0o640})
-    error = wait_for(lambda: status()["files"]["error"])
+    error = wait_for(files_error)
     assert "can be written by other users (mode 2777)" in error and "chmod go-w" in error
     assert not list(volume.iterdir())
     assert agent.stop() == 0

@@ -9,7 +9,6 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 from mpagent import client, paths
 from mpagent.emulator import Emulator, pki
 
+from . import zygote
 from .agentproc import AgentProcess, wait_for
 from .conftest import PASSWORD, SCOPES, profile_for, run_cli, write_config
 from .keystores import write_jks
@@ -79,16 +79,7 @@ def secret(
     config: Path, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """`mpagent --config CONFIG secret ARGS` with `stdin` piped in (none: /dev/null)."""
-    return subprocess.run(
-        [sys.executable, "-m", "mpagent", "--config", str(config), "secret", *args],
-        input=stdin,
-        stdin=subprocess.DEVNULL if stdin is None else None,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        encoding="utf-8",
-        timeout=60,
-        check=False,
-    )
+    return run_cli("--config", str(config), "secret", *args, input=stdin, env=env)
 
 
 def get_no_agent(
@@ -340,27 +331,13 @@ def test_prompt_is_hidden_and_asks_twice(keyring_service: SecretService, config:
     assert keyring_service.stored("dev/keystore") == PASSWORD
 
 
-# Makes the pty its controlling terminal (getpass opens /dev/tty), then runs the CLI.
-TERMINAL = (
-    "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
-    "os.execv(sys.executable, [sys.executable, '-m', 'mpagent', *sys.argv[1:]])"
-)
-
-
 def in_terminal(
     args: list[str], answers: list[str], env: dict[str, str] | None = None
 ) -> tuple[int, str]:
     """`mpagent ARGS` on a pseudo-terminal, typing `answers` at its prompts (each ends with
     ": "); the exit status and everything the terminal showed."""
     master, slave = os.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", TERMINAL, *args],
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        env={**os.environ, **(env or {})},
-        start_new_session=True,
-    )
+    proc = zygote.start_on_terminal(args, {**os.environ, **(env or {})}, slave)
     os.close(slave)
     transcript = b""
     try:

@@ -5,10 +5,8 @@ pseudo-terminal. No OS keyring: keyring's null backend (tests/test_keyring.py ha
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
-import sys
 import time
 import tomllib
 from collections.abc import Iterator
@@ -506,15 +504,7 @@ def unlock_config(cfg: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 def test_unlock_stdin_refuses_an_empty_line(agent: AgentProcess) -> None:
     """An empty line on stdin is refused like an empty password at the terminal: exit 78,
     nothing sent to the agent (which keeps running)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "mpagent", "unlock", "--stdin", "dev"],
-        input="\n",
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=dict(os.environ),
-    )
+    result = run_cli("unlock", "--stdin", "dev", input="\n")
     assert result.returncode == 78, result.stderr
     assert "an empty password; nothing sent to the agent" in result.stderr
     assert agent.proc.poll() is None

@@ -5,10 +5,8 @@ agent's memory. Real agent processes, the real CLI, the emulator, real keystores
 from __future__ import annotations
 
 import os
-import pty
 import select
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +15,7 @@ import pytest
 
 from mpagent.emulator import Emulator, pki
 
+from . import zygote
 from .agentproc import status, wait_for
 from .conftest import PASSWORD, SCOPES, profile_for, run_cli, write_config
 from .keystores import write_jks
@@ -29,15 +28,7 @@ def cli(
     *args: str, stdin: str = "", env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """The real CLI with `stdin` as its input (not a terminal)."""
-    return subprocess.run(
-        [sys.executable, "-m", "mpagent", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
+    return run_cli(*args, input=stdin, env=env)
 
 
 @pytest.fixture
@@ -56,9 +47,9 @@ class Terminal:
     """The real CLI on a pseudo-terminal, and what it has shown so far."""
 
     def __init__(self, *args: str) -> None:
-        self.pid, self.fd = pty.fork()
-        if self.pid == 0:  # the child
-            os.execv(sys.executable, [sys.executable, "-m", "mpagent", *args])
+        self.fd, terminal = os.openpty()
+        self.proc = zygote.start_on_terminal(args, dict(os.environ), terminal)
+        os.close(terminal)
         self.seen = b""
 
     def until(self, text: bytes, timeout: float = 20) -> None:
@@ -76,9 +67,9 @@ class Terminal:
         os.write(self.fd, data)
 
     def exit_code(self) -> int:
-        _, code = os.waitpid(self.pid, 0)
+        code = self.proc.wait(30)
         os.close(self.fd)
-        return os.waitstatus_to_exitcode(code)
+        return code
 
 
 def files_containing(root: Path, secret: str) -> list[Path]:

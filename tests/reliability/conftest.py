@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from .. import zygote
 
 RESULTS = pytest.StashKey[dict[str, dict[str, Any]]]()
 HERE = Path(__file__).parent
@@ -24,6 +26,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if HERE in item.path.parents:
             item.add_marker(pytest.mark.reliability)
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="package", autouse=True)
+def started_by_exec() -> Iterator[None]:
+    """Every mpagent process here starts as users start it, by exec (not forked by
+    tests/zygote.py): these tests time and attack real behaviour, start-up included."""
+    with zygote.exec_only():
+        yield
 
 
 @pytest.fixture
