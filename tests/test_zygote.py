@@ -79,15 +79,22 @@ def test_stdin_and_cwd_reach_the_child(home: Path, tmp_path: Path, stdin: str, s
 def test_a_forked_agent_is_a_process_of_its_own(
     home: Path, tmp_path: Path, emulator: Emulator, p12: Path
 ) -> None:
-    """Forked (unless MPAGENT_TEST_EXEC=1), it is a child of the zygote with a pid of its
-    own, signalled directly; it serves; SIGTERM ends it with exit 0 as it ends an exec'd
+    """Forked (unless MPAGENT_TEST_EXEC=1), it is a child of the zygote (which holds no
+    test's variables) with a pid of its own, signalled directly; it serves; SIGTERM ends it with exit 0 as it ends an exec'd
     agent, the status arriving through wait()."""
     config = write_config(tmp_path / "config.toml", {"dev": profile_for(emulator, p12)})
     env = {"MPAGENT_KEYSTORE_PASSWORD": PASSWORD}
     agent = AgentProcess(config, tmp_path / "agent.log", env).wait_ready()
     if isinstance(agent.proc, zygote.Forked):
         status = Path(f"/proc/{agent.proc.pid}/status").read_text()
-        assert agent.proc.pid != os.getpid() and f"\nPPid:\t{os.getpid()}\n" not in status
+        parent = int(status.split("\nPPid:\t")[1].split()[0])
+        assert agent.proc.pid != os.getpid() != parent
+        # The zygote started with the interpreter's variables and PATH only: no HOME, no
+        # MPAGENT_KEYSTORE_PASSWORD, nothing a /proc scan for secrets would find.
+        names = {
+            v.split(b"=")[0] for v in Path(f"/proc/{parent}/environ").read_bytes().split(b"\0")
+        }
+        assert b"MPAGENT_KEYSTORE_PASSWORD" not in names and b"HOME" not in names
     assert run_cli("get", SCOPES[0]).stdout.count(".") == 2
     agent.signal(signal.SIGTERM)
     assert agent.proc.wait(15) == 0 and agent.stop() == 0

@@ -13,8 +13,10 @@ and the imports are not repeated.
 Those two are tested by real starts: the import-graph and start-up tests (test_imports.py,
 test_fastpath.py) and bench/ start their own processes, and the reliability suite starts
 every process by exec. A start the zygote cannot make the way exec would (a PYTHON* or
-locale variable that differs from its own, extra fds, a new session) is a real one, and
-MPAGENT_TEST_EXEC=1 makes every start real."""
+locale variable that differs from its own, other subprocess arguments) is a real one, and
+MPAGENT_TEST_EXEC=1 makes every start real. A forked process's /proc/PID/cmdline and
+/proc/PID/environ are the zygote's (its argv; PATH and those variables), not the test's: a
+test that reads them of a process it starts (not of one mpagent spawns) starts it by exec."""
 
 from __future__ import annotations
 
@@ -76,7 +78,11 @@ class Zygote:
         with self._lock:
             if self._proc is not None and self._proc.poll() is None:
                 return
-            self._env = dict(os.environ)
+            # Only what the interpreter reads at its start: the zygote holds none of the
+            # tests' secrets (a test scanning /proc/*/environ for a password finds it).
+            self._env = _startup_environment(os.environ)
+            if "PATH" in os.environ:
+                self._env["PATH"] = os.environ["PATH"]
             self._socket_path.unlink(missing_ok=True)
             self._proc = subprocess.Popen(
                 [
@@ -88,6 +94,7 @@ class Zygote:
                 cwd=Path(__file__).resolve().parent.parent,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
+                env=self._env,
             )
             deadline = time.monotonic() + 30
             while not self._socket_path.exists():
