@@ -67,6 +67,15 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
         time.sleep(interval)
 
 
+def alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for a parent to reap it (an agent that `get`
+    autostarted is init's child once it exits: init may take a second or more to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def status() -> dict[str, Any]:
     """The running agent's status document, asked over its socket."""
     return json.loads(dict(client.call(paths.socket_path(), "status"))["json"])

@@ -29,7 +29,7 @@ from mpagent.errors import (
     ProtocolError,
 )
 
-from .agentproc import AgentProcess, status, wait_for
+from .agentproc import AgentProcess, alive, status, wait_for
 from .conftest import CLIENT_ID, PASSWORD, SCOPES, issuer_key, profile_for, run_cli, write_config
 
 LIFETIME = 4
@@ -293,13 +293,13 @@ def test_autostart_after_kill_9(config: Path, monkeypatch: pytest.MonkeyPatch) -
     assert first.returncode == 0, first.stderr
     pid = status()["pid"]
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not _alive(pid))
+    wait_for(lambda: not alive(pid))
     second = run_cli("get", SCOPES[0])
     assert second.returncode == 0, second.stderr
     new_pid = status()["pid"]
     assert new_pid != pid
     client.call(paths.socket_path(), "stop")
-    wait_for(lambda: not _alive(new_pid))
+    wait_for(lambda: not alive(new_pid))
 
 
 @pytest.mark.slow
@@ -325,19 +325,7 @@ def test_twenty_simultaneous_gets_start_one_agent(
     log = (Path(os.environ["XDG_STATE_HOME"]) / "mpagent" / "agent.log").read_text()
     assert log.count("serving on") == 1, log
     client.call(paths.socket_path(), "stop")
-    wait_for(lambda: not _alive(pid))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie child of ours still "exists"; check its state.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
+    wait_for(lambda: not alive(pid))
 
 
 @pytest.mark.slow

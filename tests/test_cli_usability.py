@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import http.server
 import json
-import os
 import re
 import socket
 import ssl
@@ -24,7 +23,7 @@ from mpagent.emulator import Emulator, pki
 from mpagent.errors import AgentNotRunning
 from mpagent.fullcli import build_parser
 
-from .agentproc import AgentProcess, wait_for
+from .agentproc import AgentProcess, alive, wait_for
 from .conftest import (
     CLIENT_ID,
     PASSWORD,
@@ -49,14 +48,6 @@ def lines(stderr: str) -> list[str]:
 
 def client_of(stdout: str) -> str:
     return jwt.decode(stdout.strip(), options={"verify_signature": False})["client_id"]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture

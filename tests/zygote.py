@@ -13,8 +13,8 @@ and the imports are not repeated.
 Those two are tested by real starts: the import-graph and start-up tests (test_imports.py,
 test_fastpath.py) and bench/ start their own processes, and the reliability suite starts
 every process by exec. A start the zygote cannot make the way exec would (a PYTHON* or
-locale variable that differs from its own, other subprocess arguments) is a real one, and
-MPAGENT_TEST_EXEC=1 makes every start real. A forked process's /proc/PID/cmdline and
+locale variable that differs from its own, other subprocess arguments) is a real one; off Linux,
+and with MPAGENT_TEST_EXEC=1, every start is. A forked process's /proc/PID/cmdline and
 /proc/PID/environ are the zygote's (its argv; PATH and those variables), not the test's: a
 test that reads them of a process it starts (not of one mpagent spawns) starts it by exec."""
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import io
 import json
 import locale
@@ -36,7 +35,6 @@ import socket
 import struct
 import subprocess
 import sys
-import termios
 import threading
 import time
 import traceback
@@ -103,7 +101,7 @@ class Zygote:
                 time.sleep(0.01)
 
     def can_fork(self, env: Mapping[str, str], **popen: Any) -> bool:
-        if self.exec_only or os.name != "posix" or popen:
+        if self.exec_only or not hasattr(os, "pidfd_open") or popen:  # Linux only
             return False
         self._ensure()
         return _startup_environment(env) == _startup_environment(self._env)
@@ -446,6 +444,9 @@ def _child(request: dict[str, Any], fds: list[int]) -> None:
             if fd > 2:
                 os.close(fd)
         if request["terminal"]:
+            import fcntl
+            import termios
+
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         os.chdir(request["cwd"])

@@ -20,6 +20,8 @@ import jwt
 from mpagent import envfile
 from mpagent.emulator import Emulator
 
+from ..agentproc import alive
+
 SCRIPTS = Path(__file__).parent
 
 
@@ -147,14 +149,6 @@ def rss_kib(pid: int) -> int:
 def peak_rss_kib(pid: int) -> int:
     """The high-water mark of resident memory (VmHWM), in KiB."""
     return int(proc_status(pid)["VmHWM"].split()[0])
-
-
-def alive(pid: int) -> bool:
-    """Running, and not a zombie waiting for a parent that will never reap it."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def read_proc(pid: int | str, name: str) -> bytes | None:
