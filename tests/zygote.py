@@ -16,7 +16,8 @@ every process by exec. A start the zygote cannot make the way exec would (a PYTH
 locale variable that differs from its own, other subprocess arguments) is a real one; off Linux,
 and with MPAGENT_TEST_EXEC=1, every start is. A forked process's /proc/PID/cmdline and
 /proc/PID/environ are the zygote's (its argv; PATH and those variables), not the test's: a
-test that reads them of a process it starts (not of one mpagent spawns) starts it by exec."""
+test that reads them of a process it starts (not of one mpagent spawns) starts it by exec.
+The zygote imports mpagent from the work tree (as the tests do), whatever the child's cwd."""
 
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ _STARTUP_PREFIXES = ("PYTHON", "LC_")
 _READ_LATER = "PYTHON_KEYRING_BACKEND"  # keyring reads it when first asked, in the child
 _HEADER = struct.Struct("!I")
 _ENCODING = locale.getpreferredencoding(False)  # what subprocess's text=True uses
+# Read at import (conftest's), before the tests' fixtures clear MPAGENT_* variables.
+EXEC_ONLY = os.environ.get("MPAGENT_TEST_EXEC") == "1"
 
 
 def _startup_environment(env: Mapping[str, str]) -> dict[str, str]:
@@ -70,7 +73,7 @@ class Zygote:
         self._proc: subprocess.Popen[bytes] | None = None
         self._env: dict[str, str] = {}
         self._lock = threading.Lock()
-        self.exec_only = os.environ.get("MPAGENT_TEST_EXEC") == "1"  # read before tests clear it
+        self.exec_only = EXEC_ONLY
 
     def _ensure(self) -> None:
         with self._lock:
@@ -100,8 +103,8 @@ class Zygote:
                     raise RuntimeError("the test zygote did not start")
                 time.sleep(0.01)
 
-    def can_fork(self, env: Mapping[str, str], **popen: Any) -> bool:
-        if self.exec_only or not hasattr(os, "pidfd_open") or popen:  # Linux only
+    def can_fork(self, env: Mapping[str, str]) -> bool:
+        if self.exec_only or not hasattr(os, "pidfd_open"):  # Linux only
             return False
         self._ensure()
         return _startup_environment(env) == _startup_environment(self._env)
@@ -274,6 +277,11 @@ def shutdown() -> None:
         _zygote.stop()
 
 
+def forks(env: Mapping[str, str]) -> bool:
+    """Whether a start with `env` is a fork (else an exec)."""
+    return _zygote is not None and _zygote.can_fork(env)
+
+
 @contextlib.contextmanager
 def exec_only() -> Iterator[None]:
     """Within: every start is a real one (exec of the interpreter)."""
@@ -291,8 +299,7 @@ def run_mpagent(
     args: Sequence[str], env: Mapping[str, str], timeout: float, **kwargs: Any
 ) -> subprocess.CompletedProcess[str]:
     """`python -m mpagent *args` to its end, output captured as text, stdin /dev/null."""
-    popen = {k: v for k, v in kwargs.items() if k not in ("cwd", "input")}
-    if _zygote is not None and _zygote.can_fork(env, **popen):
+    if _zygote is not None and kwargs.keys() <= {"cwd", "input"} and forks(env):
         return run(_zygote, args, env, timeout, kwargs.get("cwd"), kwargs.get("input"))
     if "input" not in kwargs:
         kwargs["stdin"] = subprocess.DEVNULL
@@ -310,7 +317,7 @@ def run_mpagent(
 def start_on_terminal(args: Sequence[str], env: Mapping[str, str], terminal: int) -> Any:
     """`python -m mpagent *args` in a session of its own whose controlling terminal is
     `terminal` (a pseudo-terminal's slave), also its stdin, stdout and stderr."""
-    if _zygote is not None and _zygote.can_fork(env):
+    if _zygote is not None and forks(env):
         return _zygote.start(args, env, terminal, terminal, terminal, terminal=True)
     return subprocess.Popen(
         [sys.executable, "-c", _TERMINAL, *args],
@@ -330,7 +337,7 @@ _TERMINAL = (
 
 def start_mpagent(args: Sequence[str], env: Mapping[str, str], output: IO[bytes]) -> Any:
     """`python -m mpagent *args` started, stdin /dev/null, stdout and stderr to `output`."""
-    if _zygote is not None and _zygote.can_fork(env):
+    if _zygote is not None and forks(env):
         with open(os.devnull, "rb") as null:
             return _zygote.start(args, env, null.fileno(), output.fileno(), output.fileno())
     return subprocess.Popen(
